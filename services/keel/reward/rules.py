@@ -1,0 +1,34 @@
+"""Rule rewards a person can check, usable as `reward.source.function` in a run config.
+
+A reward function has the signature
+
+    fn(prompts: list[str], responses: list[str], metadata: list[dict[str, str]], **kwargs) -> list[float]
+
+and returns one finite float per sample.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LEADING_INT = re.compile(r"\s*(-?\d+)")
+
+
+def arithmetic(prompts: list[str], responses: list[str], metadata: list[dict[str, str]], **_: object) -> list[float]:
+    """1.0 when the response starts with the expected integer (metadata["answer"]), else 0.
+
+    A response that starts with some other number gets 0.1: the format is right. Anything after
+    the number is ignored, so the model is free to stop or continue.
+    """
+    scores = []
+    for i, (response, meta) in enumerate(zip(responses, metadata, strict=True)):
+        if "answer" not in meta:
+            raise ValueError(f"sample {i}: arithmetic reward needs metadata field 'answer'")
+        match = _LEADING_INT.match(response)
+        if match is None:
+            scores.append(0.0)
+        elif int(match.group(1)) == int(meta["answer"]):
+            scores.append(1.0)
+        else:
+            scores.append(0.1)
+    return scores

@@ -1,0 +1,181 @@
+"""The run config: valid examples load, every kind of bad input is one clear line naming the field."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from keel.config import (
+    ConfigError,
+    RunConfig,
+    config_schema,
+    dump_config,
+    load_config,
+    max_model_len,
+    parse_config,
+    reference_path,
+    rollout_batch_size,
+    uses_critic,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "deploy" / "configs").glob("*.yaml"))
+
+MINIMAL = {
+    "model": {"policy": "p"},
+    "data": {"prompts": "prompts.jsonl"},
+    "reward": {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}},
+}
+
+
+def _with(**overrides):
+    """MINIMAL with nested overrides given as dotted keys: _with(**{"rollout.replicas": 0})."""
+    data = json.loads(json.dumps(MINIMAL))
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return data
+
+
+def _errors(data) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml")
+    return info.value.lines
+
+
+def test_examples_exist_and_load():
+    assert len(EXAMPLES) >= 3
+    for path in EXAMPLES:
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+
+
+def test_minimal_config_fills_defaults_and_derived_values():
+    cfg = parse_config(MINIMAL)
+    assert cfg.rollout.replicas == 1 and cfg.algorithm.estimator == "gae"
+    assert rollout_batch_size(cfg) == 16
+    assert uses_critic(cfg)
+    assert reference_path(cfg) == "p"
+    assert max_model_len(cfg) == 128 + 64
+
+
+def test_config_is_frozen():
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_dump_round_trips():
+    cfg = load_config(ROOT / "deploy" / "configs" / "demo.yaml")
+    again = parse_config(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"model.dtyp": "float32"}, "model.dtyp: unknown key"),
+        ({"rollout.replicas": 0}, "rollout.replicas: Input should be greater than or equal to 1 (got 0)"),
+        ({"reference.replicas": 0}, "reference.replicas: Input should be greater than or equal to 1"),
+        ({"learner.optimizer.lr": -0.1}, "learner.optimizer.lr: Input should be greater than 0 (got -0.1)"),
+        ({"rollout.sampling.temperature": "hot"}, "rollout.sampling.temperature: Input should be a valid number"),
+        ({"rollout.sampling.top_p": 1.5}, "rollout.sampling.top_p: Input should be less than or equal to 1"),
+        ({"learner.deepspeed.zero_stage": 4}, "learner.deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ({"algorithm.estimator": "ppo2"}, "algorithm.estimator: Input should be 'gae', 'grpo'"),
+        (
+            {"reward.source": {"type": "function", "function": "nocolon"}},
+            'reward.source.function: must look like "package.module:function"',
+        ),
+        ({"reward.source": {"type": "model"}}, "reward.source.path: required field missing"),
+        ({"reward.source": {"type": "magic"}}, "reward.source: Input tag 'magic' found using 'type' does not match"),
+        (
+            {"rollout.resources.custom": {"rollout": -1}},
+            "rollout.resources.custom: Value error, custom resource 'rollout' must be >= 0",
+        ),
+        ({"learner.optimizer.betas": [0.9, 1.0]}, "learner.optimizer.betas: each beta must be in [0, 1)"),
+        ({"algorithm.dual_clip": 1.0}, "algorithm.dual_clip: Input should be greater than 1"),
+        ({"transport.grpc.tls_cert": "c.pem"}, "transport.grpc: tls_cert and tls_key must be set together"),
+        ({"bogus": 1}, "bogus: unknown key"),
+    ],
+)
+def test_bad_field_is_named(overrides, expected):
+    lines = _errors(_with(**overrides))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected.replace("Value error, ", "")), lines[0]
+    assert "\n" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            {"algorithm.estimator": "grpo"},
+            "rollout.sampling.n: estimator grpo compares samples of a prompt: needs n >= 2, got 1",
+        ),
+        ({"algorithm.estimator": "rloo", "rollout.sampling.n": 4}, None),
+        ({"reference.enabled": False}, "reference.enabled: algorithm.kl.coef is 0.05 but the reference is disabled"),
+        (
+            {"controller.max_staleness": 2},
+            "controller.max_staleness: sync mode is strictly on-policy: max_staleness must be 0",
+        ),
+        ({"controller.mode": "async", "controller.max_staleness": 2}, None),
+        (
+            {"algorithm.mini_batch_size": 5},
+            "algorithm.mini_batch_size: 5 must divide the rollout batch (16 prompts x 1 samples = 16)",
+        ),
+        ({"learner.micro_batch_size": 3}, "learner.micro_batch_size: 3 must divide algorithm.mini_batch_size (16)"),
+        ({"rollout.replicas": 32}, "rollout.replicas: 32 workers but only 16 prompts per step"),
+    ],
+)
+def test_cross_field_rules_name_the_field(overrides, expected):
+    data = _with(**overrides)
+    if expected is None:
+        parse_config(data)
+        return
+    assert _errors(data) == [expected]
+
+
+def test_several_problems_are_all_reported():
+    lines = _errors(_with(**{"rollout.replicas": 0, "learner.optimizer.lr": -1, "model.extra": 1}))
+    assert len(lines) == 3
+
+
+def test_missing_required_sections():
+    lines = _errors({"model": {"policy": "p"}})
+    assert lines == ["data: required field missing", "reward: required field missing"]
+
+
+def test_load_config_file_errors(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {policy: p\ndata: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad_yaml)
+    assert info.value.lines[0].startswith("malformed YAML: line 2, column 5")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(empty)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections, got int"):
+        load_config(scalar)
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_schema_documents_every_field():
+    schema = config_schema()
+    assert schema["title"] == "RunConfig"
+    undocumented = []
+    for name, definition in schema["$defs"].items():
+        for field, spec in definition.get("properties", {}).items():
+            if name in ("RewardModelSource", "RewardFunctionSource") and field == "type":
+                continue  # the union tag
+            if "description" not in spec:
+                undocumented.append(f"{name}.{field}")
+    assert undocumented == []
