@@ -1,0 +1,1 @@
+"""The DeepSpeed learner: policy and critic engines, the PPO update, weight export, checkpoints."""

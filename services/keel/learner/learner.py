@@ -1,0 +1,290 @@
+"""Learner: DeepSpeed engines for the policy (and the critic), the PPO update, weight export.
+
+One Learner is one data-parallel rank. The controller starts `learner.replicas` of them as Ray
+actors with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set; each rank takes its slice of every
+mini-batch and DeepSpeed averages gradients. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keel.algo import entropy_from_logits, entropy_loss, gather_logprobs, kl_loss, policy_loss, value_loss
+from keel.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig
+from keel.models.loading import DTYPES, ValueModel, load_causal_lm, load_tokenizer, response_logits
+from keel.trajectory import Trajectories
+
+
+@dataclass(frozen=True)
+class LearnerPlan:
+    """What the learner needs to know beyond its own config section (derived by the controller)."""
+
+    temperature: float  # the sampler's temperature: log-probs are computed at it
+    use_critic: bool
+    total_optimizer_steps: int  # for the LR schedule
+    seed: int = 0
+
+
+def lr_lambda(opt: OptimizerConfig, total_steps: int):
+    """Multiplier of the peak LR at optimizer step s: linear warmup, then constant/linear/cosine decay."""
+
+    def factor(step: int) -> float:
+        if opt.warmup_steps and step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        if opt.schedule == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - opt.warmup_steps)
+        progress = min(1.0, (step - opt.warmup_steps) / decay_steps)
+        shape = 1.0 - progress if opt.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * shape
+
+    return factor
+
+
+def deepspeed_config(
+    learner: LearnerConfig, opt: OptimizerConfig, dtype: str, world_size: int, mini_batch: int
+) -> dict:
+    micro = learner.micro_batch_size
+    per_rank = mini_batch // world_size
+    if per_rank % micro:
+        raise ValueError(
+            f"mini-batch {mini_batch} over {world_size} ranks is not a multiple of micro_batch_size {micro}"
+        )
+    ds = learner.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "gradient_clipping": opt.max_grad_norm or 0.0,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": not ds.offload_optimizer,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _init_distributed(backend: str) -> tuple[int, int]:
+    import deepspeed
+
+    for key, default in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
+        os.environ.setdefault(key, default)
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class Learner:
+    """One data-parallel rank of the policy (and critic) trainer."""
+
+    def __init__(self, model: ModelConfig, learner: LearnerConfig, algorithm: AlgorithmConfig, plan: LearnerPlan):
+        import deepspeed
+
+        self.algorithm = algorithm
+        self.plan = plan
+        self.model_cfg = model
+        self.rank, self.world_size = _init_distributed(learner.deepspeed.backend)
+        torch.manual_seed(plan.seed)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self.tokenizer = load_tokenizer(model.tokenizer or model.policy)
+        self.zero_stage = learner.deepspeed.zero_stage
+
+        policy = load_causal_lm(model.policy, model.dtype, model.trust_remote_code)
+        if learner.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        self.policy = self._engine(policy, learner, learner.optimizer)
+        self.critic = None
+        if plan.use_critic:
+            critic = ValueModel.from_pretrained(learner.critic.model or model.policy, model.dtype)
+            self.critic = self._engine(critic, learner, learner.critic.optimizer)
+        self.version = 0
+        self.optimizer_steps = 0
+        self._deepspeed = deepspeed
+
+    def _engine(self, module, learner: LearnerConfig, opt: OptimizerConfig):
+        import deepspeed
+
+        config = deepspeed_config(learner, opt, self.model_cfg.dtype, self.world_size, self.algorithm.mini_batch_size)
+        schedule = lr_lambda(opt, self.plan.total_optimizer_steps)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=config,
+            # stepped by engine.step() at each gradient-accumulation boundary
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        )
+        return engine
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def old_logprobs_and_values(self, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The learner's own log pi_old(a_t) (and critic values) of a batch, before any update; (B, R)."""
+        self.policy.eval()
+        P = traj.prompt_tokens.shape[1]
+        ids, mask = traj.input_ids.to(self.device), traj.attention_mask.to(self.device)
+        micro = self.policy.train_micro_batch_size_per_gpu()
+        logps, values = [], []
+        for s in range(0, len(traj), micro):
+            logits = response_logits(self.policy, ids[s : s + micro], mask[s : s + micro], P)
+            logps.append(gather_logprobs(logits, ids[s : s + micro, P:], self.plan.temperature).cpu())
+            if self.critic is not None:
+                values.append(self.critic(ids[s : s + micro], mask[s : s + micro], P).cpu())
+        self.policy.train()
+        rmask = traj.response_mask.float()
+        old = torch.cat(logps) * rmask
+        return old, (torch.cat(values) * rmask if values else None)
+
+    # ------------------------------------------------------------------ the PPO update
+
+    def update(self, traj: Trajectories) -> dict[str, float]:
+        """PPO epochs over a scored batch (advantages, returns, old_logprobs filled in); returns mean metrics.
+
+        The batch is the full rollout batch; this rank trains on its slice of each mini-batch.
+        """
+        a = self.algorithm
+        if traj.advantages is None or traj.old_logprobs is None:
+            raise ValueError("learner.update needs advantages and old_logprobs")
+        t0 = time.perf_counter()
+        B = len(traj)
+        generator = torch.Generator().manual_seed(self.plan.seed + self.version)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                if not math.isnan(v):
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+
+        micro = self.policy.train_micro_batch_size_per_gpu()
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(B, generator=generator)
+            for m in range(0, B, a.mini_batch_size):
+                mini = order[m : m + a.mini_batch_size]
+                mine = mini.chunk(self.world_size)[self.rank]
+                for s in range(0, len(mine), micro):
+                    record(self._train_micro(traj.select(mine[s : s + micro])))
+                self.optimizer_steps += 1
+                record({"policy/lr": self.policy.get_lr()[0]})
+        self.version += 1
+        out = {k: sums[k] / counts[k] for k in sums}
+        out["time/update_s"] = time.perf_counter() - t0
+        return out
+
+    def _train_micro(self, mb: Trajectories) -> dict[str, float]:
+        a = self.algorithm
+        P = mb.prompt_tokens.shape[1]
+        ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
+        mask = mb.response_mask.to(self.device).float()
+        logits = response_logits(self.policy, ids, attn, P)
+        logprobs = gather_logprobs(logits, ids[:, P:], self.plan.temperature)
+        loss, metrics = policy_loss(
+            logprobs,
+            mb.old_logprobs.to(self.device),
+            mb.advantages.to(self.device),
+            mask,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            dual_clip=a.dual_clip,
+            agg=a.loss_agg,
+        )
+        if a.kl.placement == "loss" and a.kl.coef > 0 and mb.ref_logprobs is not None:
+            kl, kl_metrics = kl_loss(
+                logprobs, mb.ref_logprobs.to(self.device), mask, a.kl.coef, a.kl.estimator, a.loss_agg
+            )
+            loss = loss + kl
+            metrics.update(kl_metrics)
+        with torch.no_grad() if a.entropy_coef == 0 else torch.enable_grad():
+            ent, ent_metrics = entropy_loss(entropy_from_logits(logits), mask, a.loss_agg)
+        if a.entropy_coef > 0:
+            loss = loss + a.entropy_coef * ent
+        metrics.update(ent_metrics)
+        self.policy.backward(loss)
+        metrics.update(_step(self.policy, "policy/grad_norm"))
+
+        if self.critic is not None:
+            values = self.critic(ids, attn, P)
+            vloss, vmetrics = value_loss(
+                values, mb.values.to(self.device), mb.returns.to(self.device), mask, a.value_clip, a.loss_agg
+            )
+            self.critic.backward(a.value_coef * vloss)
+            metrics.update(_step(self.critic, "value/grad_norm"))
+            metrics.update(vmetrics)
+        return metrics
+
+    # ------------------------------------------------------------------ weights out
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """Full policy weights under HF names, on CPU (gathered from ZeRO-3 shards when needed)."""
+        module = self.policy.module
+        if self.zero_stage == 3:
+            params = list(module.parameters())
+            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save_hf(self, out_dir: str | Path) -> Path:
+        """HF-format policy (save_pretrained + tokenizer) at `out_dir`; written by rank 0 only."""
+        state = self.policy_state()
+        out = Path(out_dir)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.policy.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+        return out
+
+
+def _step(engine, key: str) -> dict[str, float]:
+    """engine.step(); at an accumulation boundary also report the pre-clip global grad norm.
+
+    DeepSpeed tracks the norm under ZeRO 1-3; under ZeRO 0 the gradients are whole on every rank
+    (already averaged), so it is read off them before the optimizer step zeroes them.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm().item() if grads else 0.0
+    engine.step()
+    if not boundary:
+        return {}
+    if norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = (
+            float(reported.item() if isinstance(reported, torch.Tensor) else reported) if reported is not None else None
+        )
+    return {} if norm is None else {key: norm}
+
+
+__all__ = ["DTYPES", "Learner", "LearnerPlan", "deepspeed_config", "lr_lambda"]

@@ -1,0 +1,1 @@
+"""The frozen reference policy: log-probs of trajectories for the KL term."""

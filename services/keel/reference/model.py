@@ -1,0 +1,31 @@
+"""ReferenceModel: the frozen initial policy scoring per-token log-probs of trajectories."""
+
+from __future__ import annotations
+
+import torch
+
+from keel.models.loading import load_causal_lm, response_logprobs
+from keel.trajectory import Trajectories
+
+
+class ReferenceModel:
+    """Never trained. The controller wraps it in a Ray actor."""
+
+    def __init__(self, path: str, dtype: str = "float32", micro_batch_size: int = 8, temperature: float = 1.0):
+        self.model = load_causal_lm(path, dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+
+    def logprobs(self, traj: Trajectories) -> torch.Tensor:
+        """(B, R) log pi_ref(a_t) at the sampling temperature, 0 on padding."""
+        lp = response_logprobs(
+            self.model,
+            traj.input_ids,
+            traj.attention_mask,
+            traj.prompt_tokens.shape[1],
+            self.temperature,
+            self.micro_batch_size,
+        )
+        return lp * traj.response_mask

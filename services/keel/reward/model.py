@@ -1,0 +1,102 @@
+"""RewardModel: one finite float per (prompt, response), from an HF reward model or a function."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+
+from keel.config import RewardConfig, RewardFunctionSource, RewardModelSource
+
+
+class RewardError(ValueError):
+    """A reward that cannot be used (NaN, inf, wrong count, bad function); names the sample."""
+
+
+def import_function(ref: str) -> Callable:
+    """Resolve "package.module:function"."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardError(f"reward.source.function: cannot import module {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward.source.function: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+class RewardModel:
+    """Scores batches. The controller wraps it in a Ray actor; `keel serve reward` in a gRPC server."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        source = cfg.source
+        if isinstance(source, RewardFunctionSource):
+            self.name = source.function
+            fn = import_function(source.function)
+            self._score = lambda prompts, responses, metadata: fn(prompts, responses, metadata, **source.kwargs)
+        else:
+            self.name = source.path
+            self._score = _ModelScorer(source)
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        metadata: list[dict[str, str]] | None = None,
+        ids: list[str] | None = None,
+    ) -> torch.Tensor:
+        """(B,) float32 scores, clipped per config. Raises RewardError naming a bad sample."""
+        metadata = metadata if metadata else [{} for _ in prompts]
+        ids = ids or [str(i) for i in range(len(prompts))]
+        if not (len(prompts) == len(responses) == len(metadata)):
+            raise RewardError(
+                f"reward: {len(prompts)} prompts, {len(responses)} responses, {len(metadata)} metadata rows"
+            )
+        raw = self._score(prompts, responses, metadata)
+        values = raw.tolist() if isinstance(raw, torch.Tensor) else list(raw)
+        if len(values) != len(prompts):
+            raise RewardError(f"reward {self.name}: returned {len(values)} scores for {len(prompts)} samples")
+        for i, v in enumerate(values):
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                raise RewardError(f"reward {self.name}: sample {ids[i]} (row {i}) scored {v!r}, not a finite number")
+        scores = torch.tensor(values, dtype=torch.float32)
+        if self.cfg.clip is not None:
+            scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
+        return scores
+
+
+class _ModelScorer:
+    """An HF AutoModelForSequenceClassification with one label: its logit is the score."""
+
+    def __init__(self, source: RewardModelSource):
+        from transformers import AutoModelForSequenceClassification
+
+        from keel.models.loading import load_tokenizer
+
+        self.source = source
+        self.tokenizer = load_tokenizer(source.path)
+        self.tokenizer.truncation_side = "left"  # keep the end of the response
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
+        if self.model.config.num_labels != 1:
+            raise RewardError(f"reward.source.path: {source.path} has {self.model.config.num_labels} labels, need 1")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, str]]) -> torch.Tensor:
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        out = []
+        for start in range(0, len(texts), self.source.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.source.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.source.max_tokens,
+            )
+            out.append(self.model(**batch).logits[:, 0].float())
+        return torch.cat(out)
