@@ -21,7 +21,7 @@ def _batch(tok, texts_and_responses, version=0):
     pm = torch.zeros(B, P, dtype=torch.bool)
     rt = torch.full((B, R), tok.pad_token_id)
     rm = torch.zeros(B, R, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         pt[i, P - len(p) :], pm[i, P - len(p) :] = torch.tensor(p), True
         rt[i, : len(r)], rm[i, : len(r)] = torch.tensor(r), True
     return Trajectories(
