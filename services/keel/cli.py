@@ -69,10 +69,86 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
         except OSError as err:
             _err(f"make-tiny-model: --corpus {args.corpus}: {err.strerror}")
             return EXIT_BAD_INPUT
-    out = make_tiny_model(args.dir, spec, reward=args.reward, seed=args.seed, corpus=corpus)
+    out = make_tiny_model(args.dir, spec, reward=args.reward, seed=args.seed, corpus=corpus, pretrain_steps=args.pretrain_steps)
     kind = "reward model" if args.reward else "causal LM"
     shape = f"{spec.num_layers} layers, hidden {spec.hidden_size}, head_dim {spec.head_dim}"
     print(f"wrote tiny Llama {kind} to {out} ({shape})")
+    return EXIT_OK
+
+
+def cmd_make_task_data(args: argparse.Namespace) -> int:
+    from keel.data.tasks import arithmetic_rows, write_jsonl
+
+    path = write_jsonl(arithmetic_rows(args.rows, args.seed), args.out)
+    print(f"wrote {args.rows} {args.task} prompts to {path}")
+    return EXIT_OK
+
+
+def preflight(cfg) -> list[str]:
+    """Problems that would only surface inside an actor: missing files, unimportable reward."""
+    from pathlib import Path
+
+    problems = []
+    for field, path in (("model.policy", cfg.model.policy), ("data.prompts", cfg.data.prompts)):
+        if not Path(path).exists():
+            problems.append(f"{field}: {path} does not exist")
+    if cfg.reference.model and not Path(cfg.reference.model).exists():
+        problems.append(f"reference.model: {cfg.reference.model} does not exist")
+    source = cfg.reward.source
+    if source.type == "model" and not Path(source.path).exists():
+        problems.append(f"reward.source.path: {source.path} does not exist")
+    if source.type == "function":
+        from keel.reward.model import RewardError, import_function
+
+        try:
+            import_function(source.function)
+        except RewardError as err:
+            problems.append(str(err))
+    return problems
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from keel.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        for line in err.lines:
+            _err(f"config error: {err.source}: {line}")
+        return EXIT_BAD_INPUT
+    problems = preflight(cfg)
+    for problem in problems:
+        _err(f"config error: {args.config}: {problem}")
+    if problems:
+        return EXIT_BAD_INPUT
+    run_dir = Path(args.run_dir or cfg.logging.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    import ray
+
+    from keel.controller.actors import ROLE_ENV
+    from keel.controller.loop import Controller
+
+    for key, value in ROLE_ENV.items():
+        os.environ.setdefault(key, value)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=cfg.logging.level == "DEBUG")
+    controller = Controller(cfg, run_dir)
+    controller.start()
+
+    def line(m: dict) -> None:
+        if cfg.logging.console != "none" and m["step"] % cfg.logging.log_every == 0:
+            print(
+                f"step {m['step'] + 1:4d}/{cfg.controller.steps}  reward {m['reward_mean']:+.3f}  kl {m['kl']:.4f}  "
+                f"len {m['response_length']:.1f}  gap {m['rollout/logprob_gap_mean']:.1e}  {m['step_time']:.1f}s",
+                flush=True,
+            )
+
+    controller.run(on_step=line)
+    print(f"run directory: {run_dir}")
     return EXIT_OK
 
 
@@ -115,7 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary upper bound (default 512)")
     tiny.add_argument("--corpus", help="text file (one example per line) to train the tokenizer on")
     tiny.add_argument("--seed", type=int, default=0, help="seed for the tokenizer corpus and weights")
+    tiny.add_argument("--pretrain-steps", type=int, default=0, help="warm the LM up on the corpus for this many steps")
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    data = sub.add_parser("make-task-data", help="write a synthetic task's prompts as JSONL (prompt, answer)")
+    data.add_argument("task", choices=["arithmetic"], help="arithmetic: single-digit addition, 'a+b=' -> a+b")
+    data.add_argument("out", help="output JSONL file")
+    data.add_argument("--rows", type=int, default=512, help="number of prompts (default 512)")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_make_task_data)
+
+    train = sub.add_parser("train", help="run PPO (or GRPO, RLOO, REINFORCE++) as configured, on Ray")
+    train.add_argument("--config", required=True, help="YAML run config")
+    train.add_argument("--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -108,10 +108,12 @@ def make_tiny_model(
     reward: bool = False,
     seed: int = 0,
     corpus: Iterable[str] | None = None,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Write a tiny Llama (causal LM, or a one-logit reward model) plus tokenizer to `out_dir`.
 
     Same arguments, same files: the tokenizer training and the weight init are seeded.
+    `pretrain_steps` > 0 warms the causal LM up on the corpus (see `pretrain`).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -120,7 +122,8 @@ def make_tiny_model(
     spec.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(corpus if corpus is not None else default_corpus(seed), spec.vocab_size)
+    corpus = list(corpus) if corpus is not None else default_corpus(seed)
+    tokenizer = train_tokenizer(corpus, spec.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -147,6 +150,29 @@ def make_tiny_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    if pretrain_steps and not reward:
+        pretrain(model, tokenizer, corpus, pretrain_steps, seed)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> float:
+    """A short causal-LM warm-up on the corpus (plain torch, seconds on CPU): the demo policy then
+    writes text of the task's shape instead of noise. Returns the last loss."""
+    import torch
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        lines = [rng.choice(corpus) for _ in range(batch_size)]
+        batch = tokenizer([line + tokenizer.eos_token for line in lines], return_tensors="pt", padding=True)
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()

@@ -68,6 +68,11 @@ class RewardModel:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
         return scores
 
+    def score_trajectories(self, traj) -> torch.Tensor:
+        """Score a `Trajectories` batch; errors name the sample as prompt_id/sample_index."""
+        ids = [f"{p}/{s}" for p, s in zip(traj.prompt_ids, traj.sample_index, strict=True)]
+        return self.score(traj.prompts, traj.responses, traj.metadata, ids)
+
 
 class _ModelScorer:
     """An HF AutoModelForSequenceClassification with one label: its logit is the score."""

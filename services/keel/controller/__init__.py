@@ -1,0 +1,1 @@
+"""The driver: places the role actors, runs the loop, publishes weights, logs metrics."""

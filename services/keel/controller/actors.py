@@ -1,0 +1,46 @@
+"""Each role as a Ray actor: a thin `ray.remote` wrapper around the plain class, with the
+resources its config section asks for."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from keel.config import Resources
+
+# Environment every role process needs on CPU machines (harmless on GPU ones).
+ROLE_ENV = {
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+def actor_options(resources: Resources, extra_env: dict[str, str] | None = None) -> dict:
+    opts: dict = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "runtime_env": {"env_vars": {**ROLE_ENV, **(extra_env or {})}},
+        "max_concurrency": 1,
+    }
+    if resources.custom:
+        opts["resources"] = dict(resources.custom)
+    if resources.memory_gb:
+        opts["memory"] = int(resources.memory_gb * 2**30)
+    return opts
+
+
+def remote(cls, resources: Resources, extra_env: dict[str, str] | None = None):
+    """`ray.remote(cls)` with the role's resources; call `.remote(...)` on the result to start it."""
+    import ray
+
+    return ray.remote(cls).options(**actor_options(resources, extra_env))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Datasets: prompts (JSONL or HF datasets), task generators for demos, collation."""

@@ -1,0 +1,83 @@
+"""End to end on the demo task: real Ray, real vLLM (cpu) or HF rollout, real DeepSpeed (cpu).
+
+Margins were chosen from measured runs on this 2-core machine (seed 0, 24 steps): mean reward
+over the first 4 steps about 0.13, over the last 4 about 0.35 (vLLM) — the test asks for +0.08.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keel.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory):
+    from keel.data.tasks import arithmetic_rows, write_jsonl
+    from keel.models.tiny import make_tiny_model
+
+    base = tmp_path_factory.mktemp("demo")
+    policy = make_tiny_model(base / "policy", pretrain_steps=300)
+    prompts = write_jsonl(arithmetic_rows(512), base / "prompts.jsonl")
+    return policy, prompts
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from keel.controller.actors import ROLE_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ROLE_ENV})
+    yield
+    ray.shutdown()
+
+
+def _config(policy, prompts, backend):
+    data = yaml.safe_load((ROOT / "deploy" / "configs" / "demo.yaml").read_text())
+    data["model"]["policy"] = str(policy)
+    data["data"]["prompts"] = str(prompts)
+    data["rollout"]["backend"] = backend
+    data["controller"]["steps"] = STEPS
+    return parse_config(data)
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_ppo_reward_rises_on_demo_task(backend, demo_inputs, ray_session, tmp_path):
+    from keel.controller.loop import Controller
+
+    cfg = _config(*demo_inputs, backend)
+    controller = Controller(cfg, tmp_path / "run", log=lambda *_: None)
+    controller.start()
+    try:
+        history = controller.run()
+    finally:
+        controller.shutdown()
+    print(backend, "rewards", [round(m["reward_mean"], 3) for m in history])
+
+    rewards = [m["reward_mean"] for m in history]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.08, rewards
+    # the weight version advances by one each step, and each step trained on its own version
+    assert [m["weight_version"] for m in history] == list(range(STEPS))
+    kls = [m["kl"] for m in history]
+    assert kls[0] == pytest.approx(0.0, abs=1e-4)  # step 0: policy == reference
+    assert all(math.isfinite(k) for k in kls) and all(k > 0 for k in kls[1:]), kls
+    # rollout and learner agree on log-probs (no silent sampler/trainer mismatch)
+    assert max(m["rollout/logprob_gap_mean"] for m in history) < 1e-3
+    # the run directory: config snapshot, one metrics line per step, final HF checkpoint
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == STEPS
+    assert {"step", "reward_mean", "kl", "step_time", "weight_version", "policy/clip_frac", "value/loss"} <= set(lines[0])
+    assert parse_config(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    assert (run / "checkpoints" / "final" / "model.safetensors").exists()
+    assert (run / "checkpoints" / "final" / "tokenizer.json").exists()
