@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-.venv/bin/ruff check services tests scripts
+.venv/bin/ruff check services tests scripts benchmarks
 .venv/bin/python scripts/gen_protos.py --check
 .venv/bin/python -m pytest tests "$@"

@@ -69,7 +69,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
         except OSError as err:
             _err(f"make-tiny-model: --corpus {args.corpus}: {err.strerror}")
             return EXIT_BAD_INPUT
-    out = make_tiny_model(args.dir, spec, reward=args.reward, seed=args.seed, corpus=corpus, pretrain_steps=args.pretrain_steps)
+    out = make_tiny_model(
+        args.dir, spec, reward=args.reward, seed=args.seed, corpus=corpus, pretrain_steps=args.pretrain_steps
+    )
     kind = "reward model" if args.reward else "causal LM"
     shape = f"{spec.num_layers} layers, hidden {spec.hidden_size}, head_dim {spec.head_dim}"
     print(f"wrote tiny Llama {kind} to {out} ({shape})")
@@ -203,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run PPO (or GRPO, RLOO, REINFORCE++) as configured, on Ray")
     train.add_argument("--config", required=True, help="YAML run config")
-    train.add_argument("--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)")
+    train.add_argument(
+        "--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)"
+    )
     train.set_defaults(func=cmd_train)
     return parser
 

@@ -22,7 +22,7 @@ def run(*args, cwd=ROOT):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("config", "make-tiny-model"):
+    for command in ("config", "make-tiny-model", "make-task-data", "train"):
         assert command in out.stdout
 
 
@@ -91,3 +91,27 @@ def test_make_tiny_model_rejects_small_head_dim(tmp_path):
     assert out.returncode == 2
     assert "head_dim 16 < 32" in out.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_missing_files_before_starting_anything(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        BASE.replace("policy: p", f"policy: {tmp_path}/nope").replace("function: 'a:b'", "function: 'no_mod:f'")
+    )
+    out = run("train", "--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == f"keel: config error: {path}: model.policy: {tmp_path}/nope does not exist"
+    assert lines[1] == f"keel: config error: {path}: data.prompts: x does not exist"
+    assert "reward.source.function: cannot import module 'no_mod'" in lines[2]
+    assert not (tmp_path / "run").exists()
+
+
+def test_make_task_data(tmp_path):
+    out = run("make-task-data", "arithmetic", str(tmp_path / "p.jsonl"), "--rows", "7")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 7
+    for row in rows:
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert int(a) + int(b) == int(row["answer"])

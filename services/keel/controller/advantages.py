@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-
 from keel.algo import AdvantageInputs, compute_advantages, kl_estimate, kl_reward_penalty, masked_mean, masked_whiten
 from keel.config import AlgorithmConfig
 from keel.trajectory import Trajectories
 
 
-def add_advantages(traj: Trajectories, algo: AlgorithmConfig, kl_coef: float, normalize_scores: bool = False) -> Trajectories:
+def add_advantages(
+    traj: Trajectories, algo: AlgorithmConfig, kl_coef: float, normalize_scores: bool = False
+) -> Trajectories:
     """Fill `advantages` and `returns` from scores, the KL to the reference and critic values.
 
     Needs scores and old_logprobs; ref_logprobs when a KL term is on; values for gae.
@@ -46,6 +47,3 @@ def logprob_gap(traj: Trajectories) -> dict[str, float]:
         "rollout/logprob_gap_mean": masked_mean(diff, mask).item(),
         "rollout/logprob_gap_max": (diff * mask).max().item() if mask.any() else 0.0,
     }
-
-
-

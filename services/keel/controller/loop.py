@@ -87,7 +87,8 @@ class Controller:
         self.pad_token_id = tokenizer.pad_token_id
         prompts = load_prompts(cfg.data, tokenizer, cfg.model.max_prompt_tokens)
         if prompts.truncated or prompts.dropped:
-            self.log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {cfg.model.max_prompt_tokens} tokens)")
+            limit = cfg.model.max_prompt_tokens
+            self.log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {limit} tokens)")
         self.sampler = PromptSampler(prompts.prompts, cfg.controller.prompts_per_step, cfg.seed, cfg.data.shuffle)
 
         RolloutActor = remote(RolloutWorker, cfg.rollout.resources)
@@ -107,7 +108,13 @@ class Controller:
             remote(
                 Learner,
                 cfg.learner.resources,
-                {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"},
+                {
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                    "RANK": str(r),
+                    "WORLD_SIZE": str(world),
+                    "LOCAL_RANK": "0",
+                },
             ).remote(cfg.model, cfg.learner, cfg.algorithm, plan)
             for r in range(world)
         ]
@@ -130,7 +137,9 @@ class Controller:
         prompts = self.sampler.next_batch()
         chunks = [prompts[i :: len(self.rollout)] for i in range(len(self.rollout))]
         seed = sampling_seed(cfg) * 1_000_003 + self.version * 10_007
-        parts = ray.get([w.generate.remote(c, seed + i * 101) for i, (w, c) in enumerate(zip(self.rollout, chunks, strict=True))])
+        parts = ray.get(
+            [w.generate.remote(c, seed + i * 101) for i, (w, c) in enumerate(zip(self.rollout, chunks, strict=True))]
+        )
         traj = Trajectories.concat(parts, self.pad_token_id)
         if traj.weight_version != self.version:
             raise VersionMismatch(f"step {self.version}: trajectories came from weights v{traj.weight_version}")
@@ -143,7 +152,10 @@ class Controller:
         old_refs = [lr.old_logprobs_and_values.remote(traj_ref) for lr in self.learners]
         old, values = ray.get(old_refs)[0]
         traj = traj.with_fields(
-            scores=ray.get(scores_ref), ref_logprobs=ray.get(ref_ref) if ref_ref else None, old_logprobs=old, values=values
+            scores=ray.get(scores_ref),
+            ref_logprobs=ray.get(ref_ref) if ref_ref else None,
+            old_logprobs=old,
+            values=values,
         )
         timer.lap("score")
 
@@ -159,7 +171,10 @@ class Controller:
         # 5. publish weights v+1: one object in the store, fetched by every rollout worker
         state_ref = self.learners[0].policy_state.remote()
         new_version = self.version + 1
-        ray.get([w.update_weights.remote(state_ref, new_version) for w in self.rollout], timeout=cfg.controller.weight_sync_timeout_s)
+        ray.get(
+            [w.update_weights.remote(state_ref, new_version) for w in self.rollout],
+            timeout=cfg.controller.weight_sync_timeout_s,
+        )
         timer.lap("weight_sync")
 
         metrics = self._metrics(traj, learn_metrics, timer)
@@ -186,7 +201,9 @@ class Controller:
             **logprob_gap(traj),
             **learn,
         }
-        self.metrics_file.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}) + "\n")
+        self.metrics_file.write(
+            json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}) + "\n"
+        )
         self.metrics_file.flush()
         self.history.append(m)
         return m

@@ -157,7 +157,9 @@ def make_tiny_model(
     return out
 
 
-def pretrain(model, tokenizer, corpus: list[str], steps: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> float:
+def pretrain(
+    model, tokenizer, corpus: list[str], steps: int, seed: int, batch_size: int = 64, lr: float = 3e-3
+) -> float:
     """A short causal-LM warm-up on the corpus (plain torch, seconds on CPU): the demo policy then
     writes text of the task's shape instead of noise. Returns the last loss."""
     import torch
