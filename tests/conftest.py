@@ -19,3 +19,27 @@ def tiny_model_dir(tmp_path_factory):
     from keel.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "policy")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (2 CPUs, like this machine)."""
+    import ray
+
+    from keel.controller.actors import ROLE_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ROLE_ENV})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory):
+    """The demo task: a warmed-up tiny policy and 512 addition prompts."""
+    from keel.data.tasks import arithmetic_rows, write_jsonl
+    from keel.models.tiny import make_tiny_model
+
+    base = tmp_path_factory.mktemp("demo")
+    policy = make_tiny_model(base / "policy", pretrain_steps=300)
+    prompts = write_jsonl(arithmetic_rows(512), base / "prompts.jsonl")
+    return policy, prompts

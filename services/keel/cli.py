@@ -138,8 +138,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=cfg.logging.level == "DEBUG")
+    from keel.controller.placement import PlacementError
+
     controller = Controller(cfg, run_dir)
-    controller.start()
+    try:
+        controller.start()
+    except PlacementError as err:
+        _err(str(err))
+        controller.shutdown()
+        return EXIT_FAILED
 
     def line(m: dict) -> None:
         if cfg.logging.console != "none" and m["step"] % cfg.logging.log_every == 0:

@@ -308,6 +308,9 @@ class ControllerConfig(Section):
     steps: PositiveInt = Field(10, description="PPO steps (rollout + update) to run.")
     prompts_per_step: PositiveInt = Field(16, description="Prompts per step; each gets rollout.sampling.n samples.")
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Give up on a weight publish after this long.")
+    placement_timeout_s: float = Field(
+        60.0, gt=0.0, description="Fail (naming the role) when a role's placement group is not ready after this long."
+    )
 
 
 # --------------------------------------------------------------------------- transport

@@ -19,28 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def demo_inputs(tmp_path_factory):
-    from keel.data.tasks import arithmetic_rows, write_jsonl
-    from keel.models.tiny import make_tiny_model
-
-    base = tmp_path_factory.mktemp("demo")
-    policy = make_tiny_model(base / "policy", pretrain_steps=300)
-    prompts = write_jsonl(arithmetic_rows(512), base / "prompts.jsonl")
-    return policy, prompts
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from keel.controller.actors import ROLE_ENV
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ROLE_ENV})
-    yield
-    ray.shutdown()
-
-
 def _config(policy, prompts, backend):
     data = yaml.safe_load((ROOT / "deploy" / "configs" / "demo.yaml").read_text())
     data["model"]["policy"] = str(policy)

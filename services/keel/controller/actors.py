@@ -33,11 +33,12 @@ def actor_options(resources: Resources, extra_env: dict[str, str] | None = None)
     return opts
 
 
-def remote(cls, resources: Resources, extra_env: dict[str, str] | None = None):
-    """`ray.remote(cls)` with the role's resources; call `.remote(...)` on the result to start it."""
+def remote(cls, resources: Resources, extra_env: dict[str, str] | None = None, placement: dict | None = None):
+    """`ray.remote(cls)` with the role's resources (and placement-group bundle, when given);
+    call `.remote(...)` on the result to start it."""
     import ray
 
-    return ray.remote(cls).options(**actor_options(resources, extra_env))
+    return ray.remote(cls).options(**actor_options(resources, extra_env), **(placement or {}))
 
 
 def free_port() -> int:

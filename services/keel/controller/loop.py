@@ -26,6 +26,7 @@ from keel.config import (
 )
 from keel.controller.actors import free_port, remote
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
+from keel.controller.placement import RoleRequest, in_group, place_roles
 from keel.trajectory import Trajectories
 
 
@@ -64,6 +65,8 @@ class Controller:
         self.version = 0
         self.kl_coef = cfg.algorithm.kl.coef
         self.history: list[dict] = []
+        self.groups: dict = {}
+        self.rollout, self.learners, self.reward, self.reference = [], [], None, None
 
     # ------------------------------------------------------------------ setup
 
@@ -91,33 +94,43 @@ class Controller:
             self.log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {limit} tokens)")
         self.sampler = PromptSampler(prompts.prompts, cfg.controller.prompts_per_step, cfg.seed, cfg.data.shuffle)
 
-        RolloutActor = remote(RolloutWorker, cfg.rollout.resources)
+        requests = [
+            RoleRequest("rollout", cfg.rollout.replicas, cfg.rollout.resources),
+            RoleRequest("reward", 1, cfg.reward.resources),
+            RoleRequest("learner", cfg.learner.replicas, cfg.learner.resources),
+        ]
+        if cfg.reference.enabled:
+            requests.append(RoleRequest("reference", 1, cfg.reference.resources))
+        self.groups = place_roles(requests, cfg.controller.placement_timeout_s)
+
         self.rollout = [
-            RolloutActor.remote(cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), f"rollout-{i}")
+            remote(RolloutWorker, cfg.rollout.resources, placement=in_group(self.groups["rollout"], i)).remote(
+                cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), f"rollout-{i}"
+            )
             for i in range(cfg.rollout.replicas)
         ]
-        self.reward = remote(RewardModel, cfg.reward.resources).remote(cfg.reward)
+        self.reward = remote(RewardModel, cfg.reward.resources, placement=in_group(self.groups["reward"], 0)).remote(
+            cfg.reward
+        )
         self.reference = None
         if cfg.reference.enabled:
-            self.reference = remote(ReferenceModel, cfg.reference.resources).remote(
-                reference_path(cfg), cfg.model.dtype, cfg.reference.micro_batch_size, logprob_temperature(cfg)
-            )
+            self.reference = remote(
+                ReferenceModel, cfg.reference.resources, placement=in_group(self.groups["reference"], 0)
+            ).remote(reference_path(cfg), cfg.model.dtype, cfg.reference.micro_batch_size, logprob_temperature(cfg))
         plan = LearnerPlan(logprob_temperature(cfg), uses_critic(cfg), optimizer_steps_total(cfg), cfg.seed)
         port, world = free_port(), cfg.learner.replicas
-        self.learners = [
-            remote(
-                Learner,
-                cfg.learner.resources,
-                {
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                    "RANK": str(r),
-                    "WORLD_SIZE": str(world),
-                    "LOCAL_RANK": "0",
-                },
-            ).remote(cfg.model, cfg.learner, cfg.algorithm, plan)
-            for r in range(world)
-        ]
+        self.learners = []
+        for rank in range(world):
+            dist_env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+            }
+            actor = remote(
+                Learner, cfg.learner.resources, {**dist_env, "LOCAL_RANK": "0"}, in_group(self.groups["learner"], rank)
+            )
+            self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
         ready = ray.get([w.ready.remote() for w in self.rollout])
         ray.get([lr.__ray_ready__.remote() for lr in self.learners] + [self.reward.__ray_ready__.remote()])
         if self.reference is not None:
@@ -239,9 +252,13 @@ class Controller:
         """Stop every role actor (their resources go back to the cluster)."""
         import ray
 
-        actors = [*self.rollout, self.reward, *self.learners] + ([self.reference] if self.reference else [])
-        for actor in actors:
+        actors = [*self.rollout, *self.learners, self.reward, self.reference]
+        for actor in filter(None, actors):
             ray.kill(actor)
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            remove_placement_group(pg)
 
     def _prune_checkpoints(self) -> None:
         import shutil

@@ -1,0 +1,91 @@
+"""Placement: one Ray placement group per role, with a clear error instead of a hang when the
+cluster cannot hold what the config asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keel.config import Resources
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place a role: says which role, what it asked for, what the cluster has."""
+
+
+@dataclass(frozen=True)
+class RoleRequest:
+    role: str  # "rollout", "reward", "reference", "learner"
+    replicas: int
+    resources: Resources
+
+    def bundle(self) -> dict[str, float]:
+        """One replica's Ray resource bundle (zero amounts left out: Ray rejects them)."""
+        r = self.resources
+        out = {"CPU": r.num_cpus, "GPU": r.num_gpus, **r.custom}
+        if r.memory_gb:
+            out["memory"] = r.memory_gb * 2**30
+        return {k: v for k, v in out.items() if v > 0}
+
+    def total(self) -> dict[str, float]:
+        return {k: v * self.replicas for k, v in self.bundle().items()}
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def check_fits(requests: list[RoleRequest], cluster_total: dict[str, float]) -> None:
+    """Raise PlacementError naming the first role that cannot fit in what the cluster has in all.
+
+    Roles are placed in order; each takes its share of every resource. This catches a config
+    that can never run (a resource the cluster lacks, or too much of one) before any actor starts.
+    """
+    remaining = dict(cluster_total)
+    for req in requests:
+        for name, amount in req.total().items():
+            have = remaining.get(name, 0.0)
+            if amount > have + 1e-9:
+                asked = f"{req.replicas} x {{{_fmt(req.bundle())}}}"
+                raise PlacementError(
+                    f"cannot place role {req.role!r}: it asks for {asked} = {name} {amount:g}, "
+                    f"but only {name} {have:g} is left of the cluster's {_fmt(cluster_total)} "
+                    f"after the roles before it"
+                )
+            remaining[name] = have - amount
+
+
+def place_roles(requests: list[RoleRequest], timeout_s: float) -> dict[str, object]:
+    """Create one placement group per role (a bundle per replica) and wait until each is ready.
+
+    Returns {role: placement group}. On a timeout every group is removed and PlacementError says
+    which role was waiting and what the cluster has free.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_fits(requests, {k: float(v) for k, v in ray.cluster_resources().items()})
+    groups: dict[str, object] = {}
+    try:
+        for req in requests:
+            pg = placement_group([req.bundle()] * req.replicas, strategy="PACK", name=f"keel-{req.role}")
+            groups[req.role] = pg
+            if not pg.wait(timeout_seconds=timeout_s):
+                free = {k: float(v) for k, v in ray.available_resources().items()}
+                raise PlacementError(
+                    f"cannot place role {req.role!r}: {req.replicas} x {{{_fmt(req.bundle())}}} not available "
+                    f"after {timeout_s:g}s; the cluster has free {_fmt(free)}"
+                )
+    except BaseException:
+        for pg in groups.values():
+            remove_placement_group(pg)
+        raise
+    return groups
+
+
+def in_group(pg, index: int) -> dict:
+    """Actor options that pin an actor to bundle `index` of placement group `pg`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+    }
