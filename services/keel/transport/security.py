@@ -1,0 +1,132 @@
+"""What every Keel gRPC server and client shares: loopback by default, a bearer token on every
+call, optional TLS, bounded message sizes.
+
+The token comes from an environment variable or a file, never from the command line (where
+`ps` would show it). Health checks (`grpc.health.v1.Health`) answer without a token so that
+Kubernetes probes work; every other method needs it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from keel.config import GrpcConfig
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class SecurityConfigError(ValueError):
+    """The gRPC security settings cannot be used; names the setting."""
+
+
+def load_token(cfg: GrpcConfig) -> str | None:
+    """The bearer token: env var `cfg.token_env`, else the file `cfg.token_file`. None when auth is off."""
+    if not cfg.auth:
+        return None
+    token = os.environ.get(cfg.token_env, "").strip()
+    if not token and cfg.token_file:
+        try:
+            token = Path(cfg.token_file).read_text().strip()
+        except OSError as err:
+            raise SecurityConfigError(
+                f"transport.grpc.token_file: cannot read {cfg.token_file} ({err.strerror})"
+            ) from None
+    if not token:
+        where = f"${cfg.token_env}" + (f" or {cfg.token_file}" if cfg.token_file else "")
+        raise SecurityConfigError(
+            f"transport.grpc.auth is on but no token was found in {where} (set auth: false to run without one)"
+        )
+    return token
+
+
+def message_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
+    limit = int(cfg.max_message_mb * 2**20)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Rejects any call (but health checks) whose `authorization` metadata is not `Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            return continuation(handler_call_details)
+        sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        # Answer with the same streaming shape as the real method, so the client sees a clean status.
+        return _deny_like(handler)
+
+
+def _deny_like(handler):
+    def abort(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def abort_stream(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        yield  # pragma: no cover - makes this a generator
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise SecurityConfigError(f"transport.grpc.{setting}: cannot read {path} ({err.strerror})") from None
+
+
+def make_server(cfg: GrpcConfig, port: int = 0, max_workers: int = 8) -> tuple[grpc.Server, int]:
+    """A grpc server bound to cfg.host:port (0 = any free port) with auth, TLS and size limits.
+
+    Returns (server, bound port); add servicers, then start it.
+    """
+    token = load_token(cfg)
+    interceptors = [BearerAuth(token)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors, options=message_options(cfg)
+    )
+    address = f"{cfg.host}:{port}"
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(_read(cfg.tls_key, "tls_key"), _read(cfg.tls_cert, "tls_cert"))])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise SecurityConfigError(f"transport.grpc.host: cannot bind {address}")
+    return server, bound
+
+
+def make_channel(cfg: GrpcConfig, address: str, server_name: str | None = None) -> grpc.Channel:
+    """A client channel to `address` with TLS when cfg.tls_ca is set, and the same size limits.
+
+    `server_name` overrides the name checked against the server certificate.
+    """
+    options = message_options(cfg)
+    if cfg.tls_ca:
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(_read(cfg.tls_ca, "tls_ca")), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def call_metadata(cfg: GrpcConfig) -> tuple[tuple[str, str], ...]:
+    """Metadata to send on every call: the bearer token when auth is on."""
+    token = load_token(cfg)
+    return (("authorization", f"Bearer {token}"),) if token else ()
