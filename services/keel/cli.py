@@ -23,14 +23,21 @@ def _err(message: str) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_config_validate(args: argparse.Namespace) -> int:
+def _load_config(path: str):
+    """The run config, or None after printing one `config error` line per problem."""
     from keel.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.file)
+        return load_config(path)
     except ConfigError as err:
         for line in err.lines:
             _err(f"config error: {err.source}: {line}")
+        return None
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.file)
+    if cfg is None:
         return EXIT_BAD_INPUT
     print(
         f"{args.file}: ok (estimator {cfg.algorithm.estimator}, rollout {cfg.rollout.backend} x{cfg.rollout.replicas})"
@@ -114,13 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from keel.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        for line in err.lines:
-            _err(f"config error: {err.source}: {line}")
+    cfg = _load_config(args.config)
+    if cfg is None:
         return EXIT_BAD_INPUT
     problems = preflight(cfg)
     for problem in problems:
