@@ -163,6 +163,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import yaml
+    from pydantic import ValidationError
+
+    from keel.config import ConfigError, validation_error_lines
+    from keel.reward.model import RewardError
+    from keel.reward.server import RewardServerConfig, start_reward_server
+    from keel.transport.security import SecurityConfigError
+
+    try:
+        with open(args.config) as f:
+            data = yaml.safe_load(f)
+        if args.port is not None:
+            data["port"] = args.port
+        cfg = RewardServerConfig.model_validate(data)
+    except (OSError, yaml.YAMLError) as err:
+        _err(f"config error: {args.config}: {err}")
+        return EXIT_BAD_INPUT
+    except ValidationError as err:
+        for line in ConfigError(args.config, validation_error_lines(err)).lines:
+            _err(f"config error: {args.config}: {line}")
+        return EXIT_BAD_INPUT
+    try:
+        running = start_reward_server(cfg)
+    except (SecurityConfigError, RewardError) as err:
+        _err(f"config error: {args.config}: {err}")
+        return EXIT_BAD_INPUT
+    print(f"reward server on {cfg.grpc.host}:{running.port} (auth {'on' if cfg.grpc.auth else 'off'})", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down: finishing in-flight requests", flush=True)
+    running.stop(cfg.grace_s)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -218,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)"
     )
     train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="run a role as a standalone gRPC server")
+    serve.set_defaults(func=lambda _: _usage(serve))
+    serve_sub = serve.add_subparsers(dest="serve_command", metavar="ROLE")
+    reward = serve_sub.add_parser("reward", help="RewardService with dynamic batching, health and reflection")
+    reward.add_argument("--config", required=True, help="YAML: reward (as in a run config), grpc, port, batching")
+    reward.add_argument("--port", type=int, help="override the config's port (0 = any free port)")
+    reward.set_defaults(func=cmd_serve_reward)
     return parser
 
 

@@ -493,7 +493,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _lines_from_validation(err: ValidationError) -> list[str]:
+def validation_error_lines(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         ctx_error = (e.get("ctx") or {}).get("error")
@@ -521,7 +521,7 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _lines_from_validation(err)) from None
+        raise ConfigError(source, validation_error_lines(err)) from None
 
 
 def load_config(path: str | Path) -> RunConfig:

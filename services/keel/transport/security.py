@@ -92,15 +92,21 @@ def _read(path: str, setting: str) -> bytes:
         raise SecurityConfigError(f"transport.grpc.{setting}: cannot read {path} ({err.strerror})") from None
 
 
-def make_server(cfg: GrpcConfig, port: int = 0, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """A grpc server bound to cfg.host:port (0 = any free port) with auth, TLS and size limits.
+def make_server(
+    cfg: GrpcConfig, port: int = 0, max_workers: int = 8, max_concurrency: int | None = None
+) -> tuple[grpc.Server, int]:
+    """A grpc server bound to cfg.host:port (0 = any free port) with auth, TLS and size limits;
+    calls beyond `max_concurrency` in flight are refused with RESOURCE_EXHAUSTED.
 
     Returns (server, bound port); add servicers, then start it.
     """
     token = load_token(cfg)
     interceptors = [BearerAuth(token)] if token else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors, options=message_options(cfg)
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=interceptors,
+        options=message_options(cfg),
+        maximum_concurrent_rpcs=max_concurrency,
     )
     address = f"{cfg.host}:{port}"
     if cfg.tls_cert:

@@ -1,0 +1,168 @@
+"""The standalone reward server over real gRPC on 127.0.0.1: batching, errors, retries,
+reflection, health, and graceful shutdown of the `keel serve reward` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from keel.config import GrpcConfig, RewardConfig, RewardFunctionSource
+from keel.controller.actors import free_port
+from keel.reward.client import RewardClient, RewardUnavailable, backoff_delays
+from keel.reward.model import RewardError
+from keel.reward.server import RewardServerConfig, start_reward_server
+from keel.transport.pb import reward_pb2, reward_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # so the server can import slow_reward by name
+
+
+def _server_cfg(function="slow_reward:length", port=0, **kw):
+    return RewardServerConfig(
+        reward=RewardConfig(source=RewardFunctionSource(function=function, kwargs=kw.pop("kwargs", {}))),
+        grpc=GrpcConfig(auth=False),
+        port=port,
+        **kw,
+    )
+
+
+@pytest.fixture
+def server():
+    running = []
+
+    def start(cfg):
+        r = start_reward_server(cfg)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.stop(0)
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_scores(server):
+    running = server(_server_cfg(max_batch_size=64, max_wait_ms=50, kwargs={"delay_s": 0.05}))
+    client = RewardClient(GrpcConfig(auth=False), f"127.0.0.1:{running.port}")
+
+    def call(k):
+        responses = ["x" * (k + j) for j in range(3)]
+        return k, client.score(["p"] * 3, responses).tolist()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(16)))
+    for k, scores in results:
+        assert scores == [float(k), float(k + 1), float(k + 2)]
+    assert running.batcher.batches < 16  # calls were grouped, not scored one by one
+
+
+def test_bad_requests_and_bad_scores_are_invalid_argument(server):
+    running = server(_server_cfg("slow_reward:nan_on_bad", max_batch_size=4))
+    address = f"127.0.0.1:{running.port}"
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(address))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(reward_pb2.ScoreRequest(request_id="e"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "samples: empty" in info.value.details()
+    too_many = reward_pb2.ScoreRequest(samples=[reward_pb2.ScoreSample(response="ok")] * 5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(too_many, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "samples: 5 exceeds max_batch_size 4" in info.value.details()
+    client = RewardClient(GrpcConfig(auth=False), address)
+    with pytest.raises(RewardError, match=r"sample s1 \(row 1\) scored nan"):
+        client.score(["p", "p"], ["fine", "bad"], ids=["s0", "s1"])
+    # the server keeps serving after a bad batch
+    assert client.score(["p"], ["fine"]).tolist() == [1.0]
+
+
+def test_client_retries_until_the_server_comes_up_then_gives_up_clearly(server):
+    port = free_port()
+    cfg = GrpcConfig(auth=False, retries=6, deadline_s=2.0)
+    client = RewardClient(cfg, f"127.0.0.1:{port}", base_delay_s=0.2)
+    threading.Timer(0.5, lambda: server(_server_cfg(port=port))).start()
+    assert client.score(["p"], ["abc"]).tolist() == [3.0]
+
+    dead = RewardClient(
+        GrpcConfig(auth=False, retries=2, deadline_s=1.0), f"127.0.0.1:{free_port()}", base_delay_s=0.01
+    )
+    with pytest.raises(RewardUnavailable, match=r"UNAVAILABLE after 3 attempt\(s\)"):
+        dead.score(["p"], ["abc"])
+
+
+def test_backoff_is_exponential_with_jitter():
+    import random
+
+    delays = backoff_delays(6, base_s=0.1, cap_s=1.0, rng=random.Random(0))
+    caps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert all(0 <= d <= c for d, c in zip(delays, caps, strict=True))
+    assert len(set(delays)) == 6
+
+
+def test_reflection_and_health(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    running = server(_server_cfg())
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="keel.v1.RewardService"))
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert "keel.v1.RewardService" in names
+
+
+def test_serve_reward_cli_finishes_in_flight_request_on_sigterm(tmp_path):
+    port = free_port()
+    config = tmp_path / "reward.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "reward": {
+                    "source": {"type": "function", "function": "slow_reward:length", "kwargs": {"delay_s": 2.0}}
+                },
+                "grpc": {"auth": True, "token_file": str(tmp_path / "token")},
+                "port": port,
+                "grace_s": 10,
+            }
+        )
+    )
+    (tmp_path / "token").write_text("t0k3n\n")
+    keel = shutil.which("keel", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("KEEL_GRPC_TOKEN", None)
+    proc = subprocess.Popen(
+        [keel, "serve", "reward", "--config", str(config)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "reward server on 127.0.0.1:" in proc.stdout.readline()
+        cfg = GrpcConfig(token_file=str(tmp_path / "token"), deadline_s=20)
+        client = RewardClient(cfg, f"127.0.0.1:{port}")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.score, ["p"], ["abcd"])
+            time.sleep(0.7)  # the request is now being scored (it takes 2 s)
+            proc.send_signal(signal.SIGTERM)
+            assert pending.result(timeout=20).tolist() == [4.0]
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_reward_cli_bad_config_exits_2(tmp_path):
+    config = tmp_path / "reward.yaml"
+    config.write_text(yaml.safe_dump({"reward": {"source": {"type": "function", "function": "x:y"}}, "port": 99999}))
+    keel = shutil.which("keel", path=str(Path(sys.executable).parent))
+    out = subprocess.run([keel, "serve", "reward", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "port: Input should be less than or equal to 65535" in out.stderr
