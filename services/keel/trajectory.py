@@ -94,6 +94,11 @@ class Trajectories:
         ids = {pid: i for i, pid in enumerate(dict.fromkeys(self.prompt_ids))}
         return torch.tensor([ids[p] for p in self.prompt_ids], dtype=torch.long)
 
+    @property
+    def sample_ids(self) -> list[str]:
+        """(B,) "prompt_id/sample_index": how errors and logs name a sample."""
+        return [f"{p}/{s}" for p, s in zip(self.prompt_ids, self.sample_index, strict=True)]
+
     def with_fields(self, **updates) -> Trajectories:
         """A copy with some fields replaced (validated)."""
         return replace(self, **updates)

@@ -17,7 +17,7 @@ import torch
 
 from keel.algo import entropy_from_logits, entropy_loss, gather_logprobs, kl_loss, policy_loss, value_loss
 from keel.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig
-from keel.models.loading import DTYPES, ValueModel, load_causal_lm, load_tokenizer, response_logits
+from keel.models.loading import ValueModel, load_causal_lm, load_tokenizer, response_logits
 from keel.trajectory import Trajectories
 
 
@@ -285,6 +285,3 @@ def _step(engine, key: str) -> dict[str, float]:
             float(reported.item() if isinstance(reported, torch.Tensor) else reported) if reported is not None else None
         )
     return {} if norm is None else {key: norm}
-
-
-__all__ = ["DTYPES", "Learner", "LearnerPlan", "deepspeed_config", "lr_lambda"]

@@ -80,5 +80,4 @@ class RewardClient:
         return torch.tensor(list(reply.scores), dtype=torch.float32)
 
     def score_trajectories(self, traj) -> torch.Tensor:
-        ids = [f"{p}/{s}" for p, s in zip(traj.prompt_ids, traj.sample_index, strict=True)]
-        return self.score(traj.prompts, traj.responses, traj.metadata, ids)
+        return self.score(traj.prompts, traj.responses, traj.metadata, traj.sample_ids)

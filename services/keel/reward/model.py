@@ -70,8 +70,7 @@ class RewardModel:
 
     def score_trajectories(self, traj) -> torch.Tensor:
         """Score a `Trajectories` batch; errors name the sample as prompt_id/sample_index."""
-        ids = [f"{p}/{s}" for p, s in zip(traj.prompt_ids, traj.sample_index, strict=True)]
-        return self.score(traj.prompts, traj.responses, traj.metadata, ids)
+        return self.score(traj.prompts, traj.responses, traj.metadata, traj.sample_ids)
 
 
 class _ModelScorer:
