@@ -225,8 +225,9 @@ class Learner:
             )
             loss = loss + kl
             metrics.update(kl_metrics)
-        with torch.no_grad() if a.entropy_coef == 0 else torch.enable_grad():
-            ent, ent_metrics = entropy_loss(entropy_from_logits(logits), mask, a.loss_agg)
+        # Entropy is always logged; it carries gradient only when it is part of the loss.
+        ent_logits = logits if a.entropy_coef > 0 else logits.detach()
+        ent, ent_metrics = entropy_loss(entropy_from_logits(ent_logits), mask, a.loss_agg)
         if a.entropy_coef > 0:
             loss = loss + a.entropy_coef * ent
         metrics.update(ent_metrics)

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from keel.config import GrpcConfig
-from keel.reward.model import RewardError
+from keel.reward.model import RewardError, Scorer, fill_defaults
 from keel.transport.pb import reward_pb2, reward_pb2_grpc
 from keel.transport.security import call_metadata, make_channel
 
@@ -33,7 +33,7 @@ def backoff_delays(
     return [rng.uniform(0.0, min(cap_s, base_s * 2**k)) for k in range(retries)]
 
 
-class RewardClient:
+class RewardClient(Scorer):
     def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1):
         self.cfg = cfg
         self.address = address
@@ -52,8 +52,7 @@ class RewardClient:
         metadata: list[dict[str, str]] | None = None,
         ids: list[str] | None = None,
     ) -> torch.Tensor:
-        metadata = metadata or [{} for _ in prompts]
-        ids = ids or [str(i) for i in range(len(prompts))]
+        metadata, ids = fill_defaults(prompts, metadata, ids)
         request = reward_pb2.ScoreRequest(
             request_id=uuid.uuid4().hex,
             samples=[
@@ -78,6 +77,3 @@ class RewardClient:
         if len(reply.scores) != len(prompts):
             raise RewardError(f"reward server {self.address}: {len(reply.scores)} scores for {len(prompts)} samples")
         return torch.tensor(list(reply.scores), dtype=torch.float32)
-
-    def score_trajectories(self, traj) -> torch.Tensor:
-        return self.score(traj.prompts, traj.responses, traj.metadata, traj.sample_ids)

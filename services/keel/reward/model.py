@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,30 @@ def import_function(ref: str) -> Callable:
     return fn
 
 
-class RewardModel:
+class Scorer(ABC):
+    """What the controller needs from a reward: the local `RewardModel` or the gRPC `RewardClient`."""
+
+    @abstractmethod
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        metadata: list[dict[str, str]] | None = None,
+        ids: list[str] | None = None,
+    ) -> torch.Tensor:
+        """(B,) float32 scores; raises RewardError naming a bad sample."""
+
+    def score_trajectories(self, traj) -> torch.Tensor:
+        """Score a `Trajectories` batch; errors name the sample as prompt_id/sample_index."""
+        return self.score(traj.prompts, traj.responses, traj.metadata, traj.sample_ids)
+
+
+def fill_defaults(prompts: list[str], metadata, ids) -> tuple[list[dict[str, str]], list[str]]:
+    """Empty metadata and row-number ids where the caller gave none."""
+    return metadata or [{} for _ in prompts], ids or [str(i) for i in range(len(prompts))]
+
+
+class RewardModel(Scorer):
     """Scores batches. The controller wraps it in a Ray actor; `keel serve reward` in a gRPC server."""
 
     def __init__(self, cfg: RewardConfig):
@@ -50,8 +74,7 @@ class RewardModel:
         ids: list[str] | None = None,
     ) -> torch.Tensor:
         """(B,) float32 scores, clipped per config. Raises RewardError naming a bad sample."""
-        metadata = metadata if metadata else [{} for _ in prompts]
-        ids = ids or [str(i) for i in range(len(prompts))]
+        metadata, ids = fill_defaults(prompts, metadata, ids)
         if not (len(prompts) == len(responses) == len(metadata)):
             raise RewardError(
                 f"reward: {len(prompts)} prompts, {len(responses)} responses, {len(metadata)} metadata rows"
@@ -67,10 +90,6 @@ class RewardModel:
         if self.cfg.clip is not None:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
         return scores
-
-    def score_trajectories(self, traj) -> torch.Tensor:
-        """Score a `Trajectories` batch; errors name the sample as prompt_id/sample_index."""
-        return self.score(traj.prompts, traj.responses, traj.metadata, traj.sample_ids)
 
 
 class _ModelScorer:
