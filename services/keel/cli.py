@@ -94,7 +94,8 @@ def cmd_make_task_data(args: argparse.Namespace) -> int:
 
 
 def preflight(cfg) -> list[str]:
-    """Problems that would only surface inside an actor: missing files, unimportable reward."""
+    """Problems that would only surface inside an actor: missing files, unimportable reward,
+    a gRPC channel without its token or TLS files."""
     from pathlib import Path
 
     problems = []
@@ -103,16 +104,29 @@ def preflight(cfg) -> list[str]:
             problems.append(f"{field}: {path} does not exist")
     if cfg.reference.model and not Path(cfg.reference.model).exists():
         problems.append(f"reference.model: {cfg.reference.model} does not exist")
+    grpc_cfg = cfg.transport.grpc
     source = cfg.reward.source
-    if source.type == "model" and not Path(source.path).exists():
-        problems.append(f"reward.source.path: {source.path} does not exist")
-    if source.type == "function":
-        from keel.reward.model import RewardError, import_function
+    if grpc_cfg.reward_address is None:  # the job scores with its own reward; an external server has its own
+        if source.type == "model" and not Path(source.path).exists():
+            problems.append(f"reward.source.path: {source.path} does not exist")
+        if source.type == "function":
+            from keel.reward.model import RewardError, import_function
+
+            try:
+                import_function(source.function)
+            except RewardError as err:
+                problems.append(str(err))
+    if cfg.transport.uses_grpc():
+        from keel.transport.security import SecurityConfigError, load_token
 
         try:
-            import_function(source.function)
-        except RewardError as err:
+            load_token(grpc_cfg)
+        except SecurityConfigError as err:
             problems.append(str(err))
+        for setting in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(grpc_cfg, setting)
+            if path and not Path(path).is_file():
+                problems.append(f"transport.grpc.{setting}: {path} does not exist")
     return problems
 
 
@@ -164,42 +178,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    import asyncio
 
     import yaml
     from pydantic import ValidationError
 
     from keel.config import ConfigError, validation_error_lines
     from keel.reward.model import RewardError
-    from keel.reward.server import RewardServerConfig, start_reward_server
+    from keel.reward.server import RewardServer, RewardServerConfig
     from keel.transport.security import SecurityConfigError
 
     try:
         with open(args.config) as f:
             data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping, got {type(data).__name__}")
         if args.port is not None:
             data["port"] = args.port
         cfg = RewardServerConfig.model_validate(data)
-    except (OSError, yaml.YAMLError) as err:
-        _err(f"config error: {args.config}: {err}")
+    except (OSError, yaml.YAMLError, ValueError) as err:
+        if isinstance(err, ValidationError):
+            for line in ConfigError(args.config, validation_error_lines(err)).lines:
+                _err(f"config error: {args.config}: {line}")
+        else:
+            _err(f"config error: {args.config}: {err}")
         return EXIT_BAD_INPUT
-    except ValidationError as err:
-        for line in ConfigError(args.config, validation_error_lines(err)).lines:
-            _err(f"config error: {args.config}: {line}")
-        return EXIT_BAD_INPUT
+
+    def ready(port: int) -> None:
+        print(f"reward server on {cfg.grpc.host}:{port} (auth {'on' if cfg.grpc.auth else 'off'})", flush=True)
+
     try:
-        running = start_reward_server(cfg)
+        asyncio.run(RewardServer(cfg).serve_until_signal(on_ready=ready))
     except (SecurityConfigError, RewardError) as err:
         _err(f"config error: {args.config}: {err}")
         return EXIT_BAD_INPUT
-    print(f"reward server on {cfg.grpc.host}:{running.port} (auth {'on' if cfg.grpc.auth else 'off'})", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    print("shutting down: finishing in-flight requests", flush=True)
-    running.stop(cfg.grace_s)
     return EXIT_OK
 
 

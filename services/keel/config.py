@@ -320,7 +320,22 @@ class GrpcConfig(Section):
     """Settings for the gRPC channels (used by channels set to grpc)."""
 
     host: str = Field("127.0.0.1", description="Address servers bind to; 127.0.0.1 unless you mean to expose them.")
-    reward_address: str | None = Field(None, description="host:port of an external reward server; unset = start one.")
+    advertise_host: str | None = Field(
+        None,
+        description="Address other processes dial to reach this job's servers; default host, or the node IP "
+        "when host is 0.0.0.0.",
+    )
+    reward_address: str | None = Field(
+        None, description="host:port of an external reward server (keel serve reward); unset = the job starts one."
+    )
+    reward_port: int = Field(0, ge=0, le=65535, description="Port of the reward server the job starts (0 = any free).")
+    weight_port: int = Field(0, ge=0, le=65535, description="Port of the learner's WeightService (0 = any free).")
+    trajectory_port: int = Field(
+        0, ge=0, le=65535, description="Port of the controller's TrajectoryService (0 = any free)."
+    )
+    weight_versions_kept: PositiveInt = Field(
+        2, description="Published weight versions the WeightService keeps; older ones answer NOT_FOUND."
+    )
     auth: bool = Field(True, description="Require a bearer token on every call.")
     token_env: str = Field("KEEL_GRPC_TOKEN", description="Environment variable holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (used when the env var is unset).")
@@ -336,6 +351,8 @@ class GrpcConfig(Section):
     def _tls_pair(self) -> GrpcConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.reward_address is not None and not re.fullmatch(r"\S+:\d{1,5}", self.reward_address):
+            raise ValueError(f"reward_address must look like host:port, got {self.reward_address!r}")
         if self.weight_chunk_mb >= self.max_message_mb:
             raise ValueError(
                 f"weight_chunk_mb ({self.weight_chunk_mb}) must be below max_message_mb ({self.max_message_mb})"
@@ -350,6 +367,17 @@ class TransportConfig(Section):
     weights: Literal["objectstore", "grpc"] = Field("objectstore", description="Learner -> rollout weights.")
     reward: Literal["objectstore", "grpc"] = Field("objectstore", description="Controller -> reward scoring calls.")
     grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="gRPC settings.")
+
+    @model_validator(mode="after")
+    def _address_needs_grpc(self) -> TransportConfig:
+        if self.grpc.reward_address is not None and self.reward != "grpc":
+            raise _FieldError(
+                "transport.reward", "grpc.reward_address is set, so the reward channel must be grpc (got objectstore)"
+            )
+        return self
+
+    def uses_grpc(self) -> bool:
+        return "grpc" in (self.trajectories, self.weights, self.reward)
 
 
 # --------------------------------------------------------------------------- checkpoint / logging

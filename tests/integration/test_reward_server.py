@@ -19,10 +19,11 @@ import yaml
 
 from keel.config import GrpcConfig, RewardConfig, RewardFunctionSource
 from keel.controller.actors import free_port
-from keel.reward.client import RewardClient, RewardUnavailable, backoff_delays
+from keel.reward.client import RewardClient, RewardUnavailable
 from keel.reward.model import RewardError
 from keel.reward.server import RewardServerConfig, start_reward_server
 from keel.transport.pb import reward_pb2, reward_pb2_grpc
+from keel.transport.retry import backoff_delays
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # so the server can import slow_reward by name
@@ -67,7 +68,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_scores(server):
 
 
 def test_bad_requests_and_bad_scores_are_invalid_argument(server):
-    running = server(_server_cfg("slow_reward:nan_on_bad", max_batch_size=4))
+    running = server(_server_cfg("slow_reward:nan_on_bad", max_request_samples=4))
     address = f"127.0.0.1:{running.port}"
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(address))
     with pytest.raises(grpc.RpcError) as info:
@@ -77,7 +78,7 @@ def test_bad_requests_and_bad_scores_are_invalid_argument(server):
     with pytest.raises(grpc.RpcError) as info:
         stub.Score(too_many, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "samples: 5 exceeds max_batch_size 4" in info.value.details()
+    assert "samples: 5 exceeds max_request_samples 4" in info.value.details()
     client = RewardClient(GrpcConfig(auth=False), address)
     with pytest.raises(RewardError, match=r"sample s1 \(row 1\) scored nan"):
         client.score(["p", "p"], ["fine", "bad"], ids=["s0", "s1"])
@@ -166,3 +167,34 @@ def test_serve_reward_cli_bad_config_exits_2(tmp_path):
     out = subprocess.run([keel, "serve", "reward", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "port: Input should be less than or equal to 65535" in out.stderr
+
+
+def test_aio_server_demands_the_token_and_bounds_message_size(server, monkeypatch):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    monkeypatch.setenv("KEEL_GRPC_TOKEN", "aio-secret")
+    cfg = RewardServerConfig(
+        reward=RewardConfig(source=RewardFunctionSource(function="slow_reward:length")),
+        grpc=GrpcConfig(max_message_mb=1.0, weight_chunk_mb=0.5),
+        port=0,
+    )
+    running = server(cfg)
+    address = f"127.0.0.1:{running.port}"
+    stub = reward_pb2_grpc.RewardServiceStub(
+        grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
+    )
+    request = reward_pb2.ScoreRequest(samples=[reward_pb2.ScoreSample(prompt="p", response="abc")])
+    for metadata in ((), (("authorization", "Bearer wrong"),)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Score(request, timeout=10, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    good = (("authorization", "Bearer aio-secret"),)
+    assert list(stub.Score(request, timeout=10, metadata=good).scores) == [3.0]
+    big = reward_pb2.ScoreRequest(samples=[reward_pb2.ScoreSample(prompt="p", response="x" * (2 << 20))])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(big, timeout=10, metadata=good)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # health answers without a token (Kubernetes probes)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert RewardClient(GrpcConfig(), address).score(["p"], ["abcd"]).tolist() == [4.0]

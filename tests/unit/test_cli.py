@@ -115,3 +115,32 @@ def test_make_task_data(tmp_path):
     for row in rows:
         a, b = row["prompt"].rstrip("=").split("+")
         assert int(a) + int(b) == int(row["answer"])
+
+
+def test_train_over_grpc_without_a_token_is_refused_before_starting(tmp_path):
+    import os
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "x").write_text("")
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        BASE.replace("function: 'a:b'", "function: 'keel.reward.rules:arithmetic'")
+        + "transport: {weights: grpc, grpc: {tls_ca: missing-ca.pem}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KEEL_GRPC_TOKEN"}
+    out = subprocess.run(
+        [KEEL, "train", "--config", str(path), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        f"keel: config error: {path}: transport.grpc.auth is on but no token was found in $KEEL_GRPC_TOKEN "
+        "(set auth: false to run without one)",
+        f"keel: config error: {path}: transport.grpc.tls_ca: missing-ca.pem does not exist",
+    ]
+    assert not (tmp_path / "run").exists()

@@ -100,6 +100,15 @@ def test_dump_round_trips():
         ({"learner.optimizer.betas": [0.9, 1.0]}, "learner.optimizer.betas: each beta must be in [0, 1)"),
         ({"algorithm.dual_clip": 1.0}, "algorithm.dual_clip: Input should be greater than 1"),
         ({"transport.grpc.tls_cert": "c.pem"}, "transport.grpc: tls_cert and tls_key must be set together"),
+        (
+            {"transport.grpc.reward_address": "reward-server"},
+            "transport.grpc: reward_address must look like host:port, got 'reward-server'",
+        ),
+        (
+            {"transport.grpc.weight_port": 70000},
+            "transport.grpc.weight_port: Input should be less than or equal to 65535",
+        ),
+        ({"transport.weights": "http"}, "transport.weights: Input should be 'objectstore' or 'grpc'"),
         ({"bogus": 1}, "bogus: unknown key"),
     ],
 )
@@ -130,6 +139,11 @@ def test_bad_field_is_named(overrides, expected):
         ),
         ({"learner.micro_batch_size": 3}, "learner.micro_batch_size: 3 must divide algorithm.mini_batch_size (16)"),
         ({"rollout.replicas": 32}, "rollout.replicas: 32 workers but only 16 prompts per step"),
+        (
+            {"transport.grpc.reward_address": "rm.keel.svc:50051"},
+            "transport.reward: grpc.reward_address is set, so the reward channel must be grpc (got objectstore)",
+        ),
+        ({"transport.grpc.reward_address": "rm.keel.svc:50051", "transport.reward": "grpc"}, None),
     ],
 )
 def test_cross_field_rules_name_the_field(overrides, expected):

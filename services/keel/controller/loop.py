@@ -3,6 +3,9 @@
 One step, top to bottom (`Controller.step`):
   rollout -> score (reward + reference + learner's old log-probs/values, in parallel on one
   object ref) -> advantages -> learner update -> publish weights v+1 to every rollout worker.
+
+Trajectories, rewards and weights each travel over the Ray object store or gRPC, as the
+`transport` section says (`keel.controller.channels`); the step reads the same either way.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from keel.config import (
 )
 from keel.controller.actors import free_port, remote
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
+from keel.controller.channels import Channels, grpc_token_env, open_channels
 from keel.controller.placement import RoleRequest, in_group, place_roles
 from keel.trajectory import Trajectories
 
@@ -67,6 +71,7 @@ class Controller:
         self.history: list[dict] = []
         self.groups: dict = {}
         self.rollout, self.learners, self.reward, self.reference = [], [], None, None
+        self.channels: Channels | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -79,6 +84,7 @@ class Controller:
         from keel.models.loading import load_tokenizer
         from keel.reference.model import ReferenceModel
         from keel.reward.model import RewardModel
+        from keel.reward.server import RewardServerRole
         from keel.rollout.worker import RolloutWorker
 
         cfg = self.cfg
@@ -94,24 +100,33 @@ class Controller:
             self.log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {limit} tokens)")
         self.sampler = PromptSampler(prompts.prompts, cfg.controller.prompts_per_step, cfg.seed, cfg.data.shuffle)
 
+        grpc_env = grpc_token_env(cfg)
+        external_reward = cfg.transport.grpc.reward_address is not None
         requests = [
             RoleRequest("rollout", cfg.rollout.replicas, cfg.rollout.resources),
-            RoleRequest("reward", 1, cfg.reward.resources),
             RoleRequest("learner", cfg.learner.replicas, cfg.learner.resources),
         ]
+        if not external_reward:
+            requests.append(RoleRequest("reward", 1, cfg.reward.resources))
         if cfg.reference.enabled:
             requests.append(RoleRequest("reference", 1, cfg.reference.resources))
         self.groups = place_roles(requests, cfg.controller.placement_timeout_s)
 
         self.rollout = [
-            remote(RolloutWorker, cfg.rollout.resources, placement=in_group(self.groups["rollout"], i)).remote(
+            remote(RolloutWorker, cfg.rollout.resources, grpc_env, in_group(self.groups["rollout"], i)).remote(
                 cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), f"rollout-{i}"
             )
             for i in range(cfg.rollout.replicas)
         ]
-        self.reward = remote(RewardModel, cfg.reward.resources, placement=in_group(self.groups["reward"], 0)).remote(
-            cfg.reward
-        )
+        self.reward = None
+        if not external_reward:
+            placement = in_group(self.groups["reward"], 0)
+            if cfg.transport.reward == "grpc":  # the reward core behind a RewardService in its own actor
+                self.reward = remote(RewardServerRole, cfg.reward.resources, grpc_env, placement).remote(
+                    cfg.reward, cfg.transport.grpc, rollout_batch_size(cfg)
+                )
+            else:
+                self.reward = remote(RewardModel, cfg.reward.resources, placement=placement).remote(cfg.reward)
         self.reference = None
         if cfg.reference.enabled:
             self.reference = remote(
@@ -126,16 +141,18 @@ class Controller:
                 "MASTER_PORT": str(port),
                 "RANK": str(rank),
                 "WORLD_SIZE": str(world),
+                "LOCAL_RANK": "0",
             }
-            actor = remote(
-                Learner, cfg.learner.resources, {**dist_env, "LOCAL_RANK": "0"}, in_group(self.groups["learner"], rank)
-            )
+            placement = in_group(self.groups["learner"], rank)
+            actor = remote(Learner, cfg.learner.resources, {**dist_env, **grpc_env}, placement)
             self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
         ready = ray.get([w.ready.remote() for w in self.rollout])
-        ray.get([lr.__ray_ready__.remote() for lr in self.learners] + [self.reward.__ray_ready__.remote()])
-        if self.reference is not None:
-            ray.get(self.reference.__ray_ready__.remote())
+        others = [*self.learners, self.reward, self.reference]
+        ray.get([a.__ray_ready__.remote() for a in others if a is not None])
+        self.channels = open_channels(cfg, self.rollout, self.learners, self.reward)
         self.log(f"ready: {len(ready)} rollout worker(s) [{ready[0]['backend']}], {world} learner rank(s)")
+        for channel, address in self.channels.addresses.items():
+            self.log(f"{channel} over gRPC: {address}")
 
     # ------------------------------------------------------------------ one step
 
@@ -150,9 +167,7 @@ class Controller:
         prompts = self.sampler.next_batch()
         chunks = [prompts[i :: len(self.rollout)] for i in range(len(self.rollout))]
         seed = sampling_seed(cfg) * 1_000_003 + self.version * 10_007
-        parts = ray.get(
-            [w.generate.remote(c, seed + i * 101) for i, (w, c) in enumerate(zip(self.rollout, chunks, strict=True))]
-        )
+        parts = self.channels.rollout.generate(chunks, [seed + i * 101 for i in range(len(chunks))])
         traj = Trajectories.concat(parts, self.pad_token_id)
         if traj.weight_version != self.version:
             raise VersionMismatch(f"step {self.version}: trajectories came from weights v{traj.weight_version}")
@@ -160,12 +175,12 @@ class Controller:
 
         # 2. score: reward, reference and the learner's own forward pass, concurrently on one ref
         traj_ref = ray.put(traj)
-        scores_ref = self.reward.score_trajectories.remote(traj_ref)
+        scores = self.channels.reward.submit(traj, traj_ref)
         ref_ref = self.reference.logprobs.remote(traj_ref) if self.reference is not None else None
         old_refs = [lr.old_logprobs_and_values.remote(traj_ref) for lr in self.learners]
         old, values = ray.get(old_refs)[0]
         traj = traj.with_fields(
-            scores=ray.get(scores_ref),
+            scores=scores.result(),
             ref_logprobs=ray.get(ref_ref) if ref_ref else None,
             old_logprobs=old,
             values=values,
@@ -181,16 +196,15 @@ class Controller:
         learn_metrics = ray.get([lr.update.remote(update_ref) for lr in self.learners])[0]
         timer.lap("update")
 
-        # 5. publish weights v+1: one object in the store, fetched by every rollout worker
-        state_ref = self.learners[0].policy_state.remote()
+        # 5. publish weights v+1 to every rollout worker; each applies it all-or-nothing
         new_version = self.version + 1
-        ray.get(
-            [w.update_weights.remote(state_ref, new_version) for w in self.rollout],
-            timeout=cfg.controller.weight_sync_timeout_s,
+        sync = self.channels.weights.publish(
+            self.learners, self.rollout, new_version, cfg.controller.weight_sync_timeout_s
         )
+        self.channels.rollout.advance(new_version)
         timer.lap("weight_sync")
 
-        metrics = self._metrics(traj, learn_metrics, timer)
+        metrics = self._metrics(traj, {**learn_metrics, **sync, **self.channels.rollout.metrics()}, timer)
         self.version = new_version
         self._adapt_kl(metrics["kl"])
         return metrics
@@ -252,6 +266,9 @@ class Controller:
         """Stop every role actor (their resources go back to the cluster)."""
         import ray
 
+        if self.channels is not None:
+            self.channels.close()
+            self.channels = None
         actors = [*self.rollout, *self.learners, self.reward, self.reference]
         for actor in filter(None, actors):
             ray.kill(actor)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from keel.algo import entropy_from_logits, entropy_loss, gather_logprobs, kl_loss, policy_loss, value_loss
-from keel.config import AlgorithmConfig, LearnerConfig, ModelConfig, OptimizerConfig
+from keel.config import AlgorithmConfig, GrpcConfig, LearnerConfig, ModelConfig, OptimizerConfig
 from keel.models.loading import ValueModel, load_causal_lm, load_tokenizer, response_logits
 from keel.trajectory import Trajectories
 
@@ -130,6 +130,7 @@ class Learner:
         self.version = 0
         self.optimizer_steps = 0
         self._deepspeed = deepspeed
+        self._publisher = None  # WeightPublisher on rank 0 when weights go over gRPC
 
     def _engine(self, module, learner: LearnerConfig, opt: OptimizerConfig):
         import deepspeed
@@ -254,6 +255,33 @@ class Learner:
             with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0's full policy weights; None on other ranks. Every rank must call it: under ZeRO-3
+        gathering the shards is a collective."""
+        state = self.policy_state()
+        return state if self.rank == 0 else None
+
+    def serve_weights(self, grpc_cfg: GrpcConfig) -> str:
+        """Start this rank's WeightService; returns the address rollout workers dial."""
+        from keel.transport.weights import WeightPublisher
+
+        self._publisher = WeightPublisher(grpc_cfg)
+        return self._publisher.address
+
+    def publish_weights(self, version: int) -> dict[str, int]:
+        """Publish the current policy as `version` on this rank's WeightService (every rank calls
+        it, as with export_weights; ranks without a service only take part in the gather)."""
+        state = self.export_weights()
+        if self._publisher is None or state is None:
+            return {}
+        manifest = self._publisher.publish(version, state)
+        return {"version": manifest.version, "bytes": manifest.total_bytes, "tensors": len(manifest.tensors)}
+
+    def stop_serving(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop(0)
+            self._publisher = None
 
     def save_hf(self, out_dir: str | Path) -> Path:
         """HF-format policy (save_pretrained + tokenizer) at `out_dir`; written by rank 0 only."""

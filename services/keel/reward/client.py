@@ -6,8 +6,6 @@ raises `RewardUnavailable`, so a training step never goes on with a missing rewa
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
 
 import grpc
@@ -16,21 +14,12 @@ import torch
 from keel.config import GrpcConfig
 from keel.reward.model import RewardError, Scorer, fill_defaults
 from keel.transport.pb import reward_pb2, reward_pb2_grpc
+from keel.transport.retry import Unavailable, call_with_retries
 from keel.transport.security import call_metadata, make_channel
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
-
-class RewardUnavailable(RuntimeError):
+class RewardUnavailable(Unavailable):
     """The reward server could not be reached within the retry budget."""
-
-
-def backoff_delays(
-    retries: int, base_s: float = 0.1, cap_s: float = 5.0, rng: random.Random | None = None
-) -> list[float]:
-    """Full-jitter exponential backoff: delay_k ~ U(0, min(cap, base * 2^k)), k = 0..retries-1."""
-    rng = rng or random.Random()
-    return [rng.uniform(0.0, min(cap_s, base_s * 2**k)) for k in range(retries)]
 
 
 class RewardClient(Scorer):
@@ -38,12 +27,29 @@ class RewardClient(Scorer):
         self.cfg = cfg
         self.address = address
         self.base_delay_s = base_delay_s
+        self.scorer: str | None = None  # what the server says produced the scores
         self._channel = make_channel(cfg, address)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         self._metadata = call_metadata(cfg)
 
     def close(self) -> None:
         self._channel.close()
+
+    def wait_ready(self) -> None:
+        """Block until the server answers a health check (retrying like a call); raises RewardUnavailable."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service="keel.v1.RewardService")
+        reply = call_with_retries(
+            lambda: stub.Check(request, timeout=self.cfg.deadline_s),
+            self.cfg.retries,
+            f"reward server {self.address}",
+            self.base_delay_s,
+            RewardUnavailable,
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RewardUnavailable(f"reward server {self.address}: health status {reply.status}, not SERVING")
 
     def score(
         self,
@@ -60,20 +66,19 @@ class RewardClient(Scorer):
                 for p, r, m, i in zip(prompts, responses, metadata, ids, strict=True)
             ],
         )
-        delays = backoff_delays(self.cfg.retries, self.base_delay_s)
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                reply = self._stub.Score(request, timeout=self.cfg.deadline_s, metadata=self._metadata)
-                break
-            except grpc.RpcError as err:
-                code = err.code()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise RewardError(f"reward server {self.address}: {err.details()}") from None
-                if code not in RETRYABLE or attempt == self.cfg.retries:
-                    raise RewardUnavailable(
-                        f"reward server {self.address}: {code.name} after {attempt + 1} attempt(s): {err.details()}"
-                    ) from None
-                time.sleep(delays[attempt])
+        try:
+            reply = call_with_retries(
+                lambda: self._stub.Score(request, timeout=self.cfg.deadline_s, metadata=self._metadata),
+                self.cfg.retries,
+                f"reward server {self.address}",
+                self.base_delay_s,
+                RewardUnavailable,
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RewardError(f"reward server {self.address}: {err.details()}") from None
+            raise RewardUnavailable(f"reward server {self.address}: {err.code().name}: {err.details()}") from None
         if len(reply.scores) != len(prompts):
             raise RewardError(f"reward server {self.address}: {len(reply.scores)} scores for {len(prompts)} samples")
+        self.scorer = reply.scorer
         return torch.tensor(list(reply.scores), dtype=torch.float32)

@@ -1,4 +1,10 @@
-"""RolloutWorker: prompts in, `Trajectories` out; weight updates applied all-or-nothing."""
+"""RolloutWorker: prompts in, `Trajectories` out; weight updates applied all-or-nothing.
+
+Inside Ray, the controller hands it prompts and weights through the object store. With a
+channel set to grpc, it fetches weights from the learner's WeightService and pushes its
+trajectories to the controller's TrajectoryService instead (`connect`, `pull_weights`,
+`generate_and_push`); that is also how a worker outside the Ray cluster runs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import uuid
 
 import torch
 
-from keel.config import ModelConfig, RolloutConfig, SamplingConfig
+from keel.config import GrpcConfig, ModelConfig, RolloutConfig, SamplingConfig
 from keel.data.prompts import Prompt
 from keel.models.loading import load_tokenizer
 from keel.rollout.base import Generator
@@ -39,6 +45,8 @@ class RolloutWorker:
         self.generator = make_generator(model, rollout, self.tokenizer, max_model_len, seed)
         self.weight_version = 0
         self._specs = self.generator.weight_specs()
+        self._weights = None  # WeightClient, once connected
+        self._pusher = None  # TrajectoryPusher, once connected
 
     def ready(self) -> dict:
         return {"worker_id": self.worker_id, "backend": self.generator.backend, "weight_version": self.weight_version}
@@ -98,6 +106,40 @@ class RolloutWorker:
         self.generator.load_weights(list(state.items()))
         self.weight_version = version
         return version
+
+    # ------------------------------------------------------------------ over gRPC
+
+    def connect(self, grpc_cfg: GrpcConfig, weights: str | None = None, trajectories: str | None = None) -> None:
+        """Fetch weights from the WeightService at `weights` and push trajectories to the
+        TrajectoryService at `trajectories` (host:port each; None keeps that channel off gRPC)."""
+        from keel.transport.trajectories import TrajectoryPusher
+        from keel.transport.weights import WeightClient
+
+        self._weights = WeightClient(grpc_cfg, weights) if weights else None
+        self._pusher = TrajectoryPusher(grpc_cfg, trajectories, self.worker_id) if trajectories else None
+
+    def pull_weights(self, version: int = 0) -> int:
+        """Fetch `version` (0 = the latest) over gRPC and apply it all-or-nothing: a fetch that
+        fails any check raises WeightFetchError and the old weights keep serving."""
+        if self._weights is None:
+            raise RuntimeError(f"{self.worker_id}: no WeightService connected (call connect first)")
+        fetched, state = self._weights.fetch(version)
+        if version and fetched != version:
+            raise WeightUpdateError(f"{self.worker_id}: asked for version {version}, the service sent {fetched}")
+        return self.update_weights(state, fetched)
+
+    def generate_and_push(self, prompts: list[Prompt], seed: int, sampling: SamplingConfig | None = None) -> str:
+        """`generate`, then push the batch to the TrajectoryService; returns its rollout id.
+        Raises TrajectoryRejected when the learner side refuses it (stale, ahead, duplicate)."""
+        from keel.transport.trajectories import TrajectoryRejected
+
+        if self._pusher is None:
+            raise RuntimeError(f"{self.worker_id}: no TrajectoryService connected (call connect first)")
+        traj = self.generate(prompts, seed, sampling)
+        [ack] = self._pusher.push([traj])
+        if not ack.accepted:
+            raise TrajectoryRejected(f"{self.worker_id}: batch {traj.rollout_id} refused: {ack.reason}")
+        return traj.rollout_id
 
 
 def check_weights(

@@ -45,7 +45,8 @@ def tensor_to_proto(t: torch.Tensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=TORCH_TO_PROTO[t.dtype], shape=list(t.shape), data=tensor_bytes(t))
 
 
-def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int], field: str) -> torch.Tensor:
+def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[int], field: str) -> torch.Tensor:
+    """A tensor over `data`: a bytearray is used in place (the tensor shares it), bytes are copied."""
     if any(d < 0 for d in shape):
         raise DecodeError(f"{field}: negative dimension in shape {shape}")
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -54,7 +55,8 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int], field: 
         raise DecodeError(f"{field}: {len(data)} bytes for shape {shape} of {dtype} (expected {expected})")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    writable = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(writable, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def tensor_from_proto(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:

@@ -49,40 +49,77 @@ def message_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+DENIED = "missing or wrong bearer token"
+
+
+class _TokenCheck:
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def allows(self, handler_call_details) -> bool:
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            return True
+        sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        return hmac.compare_digest(sent.encode(), self._expected)
+
+
 class BearerAuth(grpc.ServerInterceptor):
     """Rejects any call (but health checks) whose `authorization` metadata is not `Bearer <token>`."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._check = _TokenCheck(token)
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(HEALTH_PREFIX):
-            return continuation(handler_call_details)
-        sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), self._expected):
-            return continuation(handler_call_details)
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or self._check.allows(handler_call_details):
+            return handler
         # Answer with the same streaming shape as the real method, so the client sees a clean status.
         return _deny_like(handler)
 
 
+class AioBearerAuth(grpc.aio.ServerInterceptor):
+    """`BearerAuth` for grpc.aio servers."""
+
+    def __init__(self, token: str):
+        self._check = _TokenCheck(token)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or self._check.allows(handler_call_details):
+            return handler
+        return _deny_like_aio(handler)
+
+
 def _deny_like(handler):
     def abort(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
 
     def abort_stream(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
         yield  # pragma: no cover - makes this a generator
 
+    return _handler_like(handler, abort, abort_stream)
+
+
+def _deny_like_aio(handler):
+    async def abort(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+    async def abort_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        yield  # pragma: no cover - makes this an async generator
+
+    return _handler_like(handler, abort, abort_stream)
+
+
+def _handler_like(handler, unary, streaming):
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream)
+        return grpc.stream_stream_rpc_method_handler(streaming)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+        return grpc.stream_unary_rpc_method_handler(unary)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 def _read(path: str, setting: str) -> bytes:
@@ -90,6 +127,18 @@ def _read(path: str, setting: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as err:
         raise SecurityConfigError(f"transport.grpc.{setting}: cannot read {path} ({err.strerror})") from None
+
+
+def _bind(server, cfg: GrpcConfig, port: int) -> int:
+    address = f"{cfg.host}:{port}"
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(_read(cfg.tls_key, "tls_key"), _read(cfg.tls_cert, "tls_cert"))])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise SecurityConfigError(f"transport.grpc.host: cannot bind {address}")
+    return bound
 
 
 def make_server(
@@ -101,34 +150,50 @@ def make_server(
     Returns (server, bound port); add servicers, then start it.
     """
     token = load_token(cfg)
-    interceptors = [BearerAuth(token)] if token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=interceptors,
+        interceptors=[BearerAuth(token)] if token else [],
         options=message_options(cfg),
         maximum_concurrent_rpcs=max_concurrency,
     )
-    address = f"{cfg.host}:{port}"
-    if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials([(_read(cfg.tls_key, "tls_key"), _read(cfg.tls_cert, "tls_cert"))])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise SecurityConfigError(f"transport.grpc.host: cannot bind {address}")
-    return server, bound
+    return server, _bind(server, cfg, port)
+
+
+def make_aio_server(cfg: GrpcConfig, port: int = 0, max_concurrency: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """`make_server` for grpc.aio: call it inside the event loop that will run the server."""
+    token = load_token(cfg)
+    server = grpc.aio.server(
+        interceptors=[AioBearerAuth(token)] if token else [],
+        options=message_options(cfg),
+        maximum_concurrent_rpcs=max_concurrency,
+    )
+    return server, _bind(server, cfg, port)
+
+
+def advertised_address(cfg: GrpcConfig, port: int) -> str:
+    """host:port other processes dial to reach a server bound here: cfg.advertise_host, or cfg.host,
+    or (when bound to every interface) this node's IP as Ray sees it."""
+    host = cfg.advertise_host or cfg.host
+    if host in ("0.0.0.0", "::", "[::]"):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
 
 
 def make_channel(cfg: GrpcConfig, address: str, server_name: str | None = None) -> grpc.Channel:
-    """A client channel to `address` with TLS when cfg.tls_ca is set, and the same size limits.
+    """A client channel to `address` with the same size limits, over TLS when the config has TLS:
+    verified against cfg.tls_ca, or the system's roots when only a server certificate is set
+    (the job's own servers use it, so its own clients must speak TLS too).
 
     `server_name` overrides the name checked against the server certificate.
     """
     options = message_options(cfg)
-    if cfg.tls_ca:
+    if cfg.tls_ca or cfg.tls_cert:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(_read(cfg.tls_ca, "tls_ca")), options=options)
+        roots = _read(cfg.tls_ca, "tls_ca") if cfg.tls_ca else None
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
     return grpc.insecure_channel(address, options=options)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from keel.config import GrpcConfig
 from keel.transport.codec import PROTO_TO_TORCH, TORCH_TO_PROTO, DecodeError, tensor_bytes, tensor_from_bytes
 from keel.transport.pb import weights_pb2, weights_pb2_grpc
 
@@ -29,9 +30,17 @@ class WeightFetchError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class StoredChunk:
+    tensor_index: int
+    offset: int
+    data: bytes
+    crc32: int
+
+
+@dataclass(frozen=True)
 class PublishedVersion:
     manifest: weights_pb2.Manifest
-    blobs: list[bytes]  # raw bytes per tensor, in manifest order
+    chunks: list[StoredChunk]  # every chunk of a Fetch, in stream order; sliced and checksummed once
 
 
 class WeightStore:
@@ -46,10 +55,11 @@ class WeightStore:
         self._lock = threading.Lock()
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> weights_pb2.Manifest:
+        """Snapshot `state` as `version`: raw bytes in chunks with their CRC-32, a sha256 per tensor."""
         if version < 1:
             raise ValueError(f"version must be >= 1, got {version}")
-        specs, blobs = [], []
-        for name, tensor in state.items():
+        specs, chunks, total = [], [], 0
+        for index, (name, tensor) in enumerate(state.items()):
             data = tensor_bytes(tensor)
             specs.append(
                 weights_pb2.TensorSpec(
@@ -60,20 +70,20 @@ class WeightStore:
                     checksum=hashlib.sha256(data).hexdigest(),
                 )
             )
-            blobs.append(data)
-        num_chunks = sum(max(1, -(-len(b) // self.chunk_bytes)) for b in blobs)
+            total += len(data)
+            chunks.extend(_slice(index, data, self.chunk_bytes))
         manifest = weights_pb2.Manifest(
             version=version,
             tensors=specs,
-            total_bytes=sum(len(b) for b in blobs),
+            total_bytes=total,
             chunk_bytes=self.chunk_bytes,
             checksum_algorithm=CHECKSUM,
-            num_chunks=num_chunks,
+            num_chunks=len(chunks),
         )
         with self._lock:
             if self._versions and version <= next(reversed(self._versions)):
                 raise ValueError(f"version {version} is not newer than {next(reversed(self._versions))}")
-            self._versions[version] = PublishedVersion(manifest, blobs)
+            self._versions[version] = PublishedVersion(manifest, chunks)
             while len(self._versions) > self.keep:
                 self._versions.popitem(last=False)
         return manifest
@@ -92,14 +102,16 @@ class WeightStore:
             return list(self._versions)
 
 
-def iter_chunks(published: PublishedVersion):
-    """(tensor_index, offset, data) for every chunk of a version; an empty tensor is one empty chunk."""
-    size = published.manifest.chunk_bytes
-    for i, blob in enumerate(published.blobs):
-        if not blob:
-            yield i, 0, b""
-        for offset in range(0, len(blob), size):
-            yield i, offset, blob[offset : offset + size]
+def _slice(index: int, data: bytes, size: int) -> list[StoredChunk]:
+    """A tensor's bytes as chunks of at most `size`; an empty tensor is one empty chunk."""
+    if not data:
+        return [StoredChunk(index, 0, b"", zlib.crc32(b""))]
+    view = memoryview(data)
+    out = []
+    for offset in range(0, len(data), size):
+        piece = bytes(view[offset : offset + size])
+        out.append(StoredChunk(index, offset, piece, zlib.crc32(piece)))
+    return out
 
 
 class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
@@ -120,14 +132,14 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
         published = self._lookup(request.version, context)
         version = published.manifest.version
         yield weights_pb2.FetchResponse(manifest=published.manifest)
-        count = 0
-        for index, offset, data in iter_chunks(published):
+        for c in published.chunks:
             chunk = weights_pb2.Chunk(
-                version=version, tensor_index=index, offset=offset, data=data, crc32=zlib.crc32(data)
+                version=version, tensor_index=c.tensor_index, offset=c.offset, data=c.data, crc32=c.crc32
             )
             yield weights_pb2.FetchResponse(chunk=chunk)
-            count += 1
-        finish = weights_pb2.Finish(version=version, num_chunks=count, total_bytes=published.manifest.total_bytes)
+        finish = weights_pb2.Finish(
+            version=version, num_chunks=len(published.chunks), total_bytes=published.manifest.total_bytes
+        )
         yield weights_pb2.FetchResponse(finish=finish)
 
 
@@ -136,64 +148,136 @@ def fetch_weights(
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """Fetch a version; returns (version, {name: tensor}) only if every check passes."""
     stream = stub.Fetch(weights_pb2.FetchRequest(version=version), timeout=timeout, metadata=metadata)
-    manifest = None
-    buffers: list[bytearray] = []
-    chunks = 0
+    assembly: _Assembly | None = None
     try:
         for event in stream:
             kind = event.WhichOneof("event")
             if kind == "manifest":
-                if manifest is not None:
+                if assembly is not None:
                     raise WeightFetchError("second manifest in one fetch")
-                manifest = event.manifest
-                buffers = [bytearray() for _ in manifest.tensors]
+                assembly = _Assembly(event.manifest)
             elif kind == "chunk":
-                if manifest is None:
+                if assembly is None:
                     raise WeightFetchError("chunk before the manifest")
-                _accept_chunk(manifest, buffers, event.chunk)
-                chunks += 1
+                assembly.add(event.chunk)
             elif kind == "finish":
-                if manifest is None:
+                if assembly is None:
                     raise WeightFetchError("finish before the manifest")
-                return manifest.version, _assemble(manifest, buffers, chunks, event.finish)
+                return assembly.manifest.version, assembly.finish(event.finish)
             else:
                 raise WeightFetchError("empty event in the fetch stream")
     except grpc.RpcError as err:
         raise WeightFetchError(f"fetch of version {version} failed: {err.code().name}: {err.details()}") from err
-    raise WeightFetchError(f"fetch of version {version} ended without a finish ({chunks} chunks received)")
+    received = assembly.chunks if assembly else 0
+    raise WeightFetchError(f"fetch of version {version} ended without a finish ({received} chunks received)")
 
 
-def _accept_chunk(manifest, buffers: list[bytearray], chunk) -> None:
-    if chunk.version != manifest.version:
-        raise WeightFetchError(f"chunk of version {chunk.version} in a fetch of version {manifest.version}")
-    if not 0 <= chunk.tensor_index < len(buffers):
-        raise WeightFetchError(f"chunk for tensor index {chunk.tensor_index}; manifest has {len(buffers)} tensors")
-    name = manifest.tensors[chunk.tensor_index].name
-    if zlib.crc32(chunk.data) != chunk.crc32:
-        raise WeightFetchError(f"corrupt chunk of tensor {name!r} at offset {chunk.offset}: CRC-32 mismatch")
-    buf = buffers[chunk.tensor_index]
-    if chunk.offset != len(buf):
-        raise WeightFetchError(
-            f"tensor {name!r}: chunk at offset {chunk.offset}, expected {len(buf)} (missing or reordered)"
+class _Assembly:
+    """One fetch being put together: each tensor's bytes land in a buffer sized by the manifest,
+    and its sha256 is updated as chunks arrive (hashing overlaps the transfer: hashlib and zlib
+    release the GIL), so the tensors come out of the buffers without another copy."""
+
+    def __init__(self, manifest: weights_pb2.Manifest):
+        self.manifest = manifest
+        self.buffers = [bytearray(spec.nbytes) for spec in manifest.tensors]
+        self.filled = [0] * len(manifest.tensors)
+        self.hashes = [hashlib.sha256() for _ in manifest.tensors]
+        self.chunks = 0
+
+    def add(self, chunk: weights_pb2.Chunk) -> None:
+        manifest = self.manifest
+        if chunk.version != manifest.version:
+            raise WeightFetchError(f"chunk of version {chunk.version} in a fetch of version {manifest.version}")
+        i = chunk.tensor_index
+        if not 0 <= i < len(self.buffers):
+            raise WeightFetchError(f"chunk for tensor index {i}; manifest has {len(self.buffers)} tensors")
+        name, data = manifest.tensors[i].name, chunk.data
+        if zlib.crc32(data) != chunk.crc32:
+            raise WeightFetchError(f"corrupt chunk of tensor {name!r} at offset {chunk.offset}: CRC-32 mismatch")
+        start = self.filled[i]
+        if chunk.offset != start:
+            raise WeightFetchError(
+                f"tensor {name!r}: chunk at offset {chunk.offset}, expected {start} (missing or reordered)"
+            )
+        end = start + len(data)
+        if end > len(self.buffers[i]):
+            raise WeightFetchError(f"tensor {name!r}: more than the {len(self.buffers[i])} bytes the manifest says")
+        self.buffers[i][start:end] = data
+        self.hashes[i].update(data)
+        self.filled[i] = end
+        self.chunks += 1
+
+    def finish(self, finish: weights_pb2.Finish) -> dict[str, torch.Tensor]:
+        manifest = self.manifest
+        if finish.num_chunks != self.chunks or finish.num_chunks != manifest.num_chunks:
+            raise WeightFetchError(
+                f"received {self.chunks} chunks; finish says {finish.num_chunks}, manifest {manifest.num_chunks}"
+            )
+        state = {}
+        for spec, buf, filled, digest in zip(manifest.tensors, self.buffers, self.filled, self.hashes, strict=True):
+            if filled != spec.nbytes:
+                raise WeightFetchError(f"tensor {spec.name!r}: {filled} of {spec.nbytes} bytes arrived")
+            if digest.hexdigest() != spec.checksum:
+                raise WeightFetchError(f"tensor {spec.name!r}: {manifest.checksum_algorithm} mismatch")
+            if spec.dtype not in PROTO_TO_TORCH:
+                raise WeightFetchError(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
+            try:
+                state[spec.name] = tensor_from_bytes(buf, PROTO_TO_TORCH[spec.dtype], list(spec.shape), spec.name)
+            except DecodeError as err:
+                raise WeightFetchError(str(err)) from None
+        return state
+
+
+class WeightServiceUnavailable(WeightFetchError):
+    """The WeightService could not be reached within the retry budget."""
+
+
+class WeightPublisher:
+    """The learner's side: a WeightStore served by a WeightService (with health) from this process."""
+
+    def __init__(self, cfg: GrpcConfig):
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        from keel.transport.security import advertised_address, make_server
+
+        self.store = WeightStore(keep=cfg.weight_versions_kept, chunk_bytes=int(cfg.weight_chunk_mb * 2**20))
+        self._server, self.port = make_server(cfg, cfg.weight_port)
+        weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(self.store), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self._server)
+        self._server.start()
+        self.address = advertised_address(cfg, self.port)
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> weights_pb2.Manifest:
+        return self.store.publish(version, state)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self._server.stop(grace_s)
+
+
+class WeightClient:
+    """The rollout side: fetches versions from a WeightService with deadlines and retries."""
+
+    def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1):
+        from keel.transport.security import call_metadata, make_channel
+
+        self.cfg = cfg
+        self.address = address
+        self.base_delay_s = base_delay_s
+        self._channel = make_channel(cfg, address)
+        self._stub = weights_pb2_grpc.WeightServiceStub(self._channel)
+        self._metadata = call_metadata(cfg)
+
+    def fetch(self, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, tensors), every check passed; WeightFetchError otherwise (nothing to apply)."""
+        from keel.transport.retry import call_with_retries
+
+        return call_with_retries(
+            lambda: fetch_weights(self._stub, version, timeout=self.cfg.deadline_s, metadata=self._metadata),
+            self.cfg.retries,
+            f"weight service {self.address}",
+            self.base_delay_s,
+            WeightServiceUnavailable,
         )
-    buf.extend(chunk.data)
 
-
-def _assemble(manifest, buffers: list[bytearray], chunks: int, finish) -> dict[str, torch.Tensor]:
-    if finish.num_chunks != chunks or finish.num_chunks != manifest.num_chunks:
-        raise WeightFetchError(
-            f"received {chunks} chunks; finish says {finish.num_chunks}, manifest {manifest.num_chunks}"
-        )
-    state = {}
-    for spec, buf in zip(manifest.tensors, buffers, strict=True):
-        if len(buf) != spec.nbytes:
-            raise WeightFetchError(f"tensor {spec.name!r}: {len(buf)} of {spec.nbytes} bytes arrived")
-        if hashlib.sha256(buf).hexdigest() != spec.checksum:
-            raise WeightFetchError(f"tensor {spec.name!r}: {manifest.checksum_algorithm} mismatch")
-        if spec.dtype not in PROTO_TO_TORCH:
-            raise WeightFetchError(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
-        try:
-            state[spec.name] = tensor_from_bytes(bytes(buf), PROTO_TO_TORCH[spec.dtype], list(spec.shape), spec.name)
-        except DecodeError as err:
-            raise WeightFetchError(str(err)) from None
-    return state
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,191 @@
+"""The three channels of a step, each over the Ray object store or gRPC (`transport` config).
+
+- rollout: prompts out to the workers, `Trajectories` back. objectstore: the actor call's
+  return value. grpc: each worker pushes its batch to the controller's TrajectoryService
+  (deduped by rollout id, stale versions refused) and the call returns only the rollout id.
+- reward: scores for a batch. objectstore: the reward actor, on the batch's object ref. grpc:
+  a `RewardClient` to the job's reward-server actor or to an external `keel serve reward`.
+- weights: the learner's new policy to every rollout worker. objectstore: one object fetched by
+  every worker. grpc: the learner publishes the version on its WeightService; every worker
+  fetches it in checksummed chunks and applies it all-or-nothing.
+
+The choice is made once, in `open_channels`; `Controller.step` reads the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from keel.config import GrpcConfig, RunConfig
+from keel.data.prompts import Prompt
+from keel.trajectory import Trajectories
+
+
+def grpc_token_env(cfg: RunConfig) -> dict[str, str]:
+    """The bearer token, for the environment of actors that serve or call gRPC.
+
+    Only a token the driver holds in its environment is passed on; a token file is read by each
+    actor itself (mount it on every node), so it never lands in Ray's runtime_env.
+    """
+    grpc_cfg = cfg.transport.grpc
+    if not (cfg.transport.uses_grpc() and grpc_cfg.auth):
+        return {}
+    token = os.environ.get(grpc_cfg.token_env, "").strip()
+    return {grpc_cfg.token_env: token} if token else {}
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+class ObjectStoreRollout:
+    def __init__(self, workers: list):
+        self.workers = workers
+
+    def generate(self, chunks: list[list[Prompt]], seeds: list[int]) -> list[Trajectories]:
+        import ray
+
+        return ray.get([w.generate.remote(c, s) for w, c, s in zip(self.workers, chunks, seeds, strict=True)])
+
+    def advance(self, version: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class GrpcRollout:
+    """Workers push to this process's TrajectoryService; the batches are taken from its inbox."""
+
+    def __init__(self, workers: list, grpc_cfg: GrpcConfig, max_staleness: int):
+        from keel.transport.trajectories import TrajectoryInbox, TrajectoryServer
+
+        self.workers = workers
+        self.inbox = TrajectoryInbox(max_staleness)
+        self.server = TrajectoryServer(self.inbox, grpc_cfg)
+        self.timeout_s = grpc_cfg.deadline_s
+
+    def generate(self, chunks: list[list[Prompt]], seeds: list[int]) -> list[Trajectories]:
+        import ray
+
+        rollout_ids = ray.get(
+            [w.generate_and_push.remote(c, s) for w, c, s in zip(self.workers, chunks, seeds, strict=True)]
+        )
+        batches = self.inbox.take(rollout_ids, self.timeout_s)
+        return [with_prompts(b, c) for b, c in zip(batches, chunks, strict=True)]
+
+    def advance(self, version: int) -> None:
+        self.inbox.set_version(version)
+
+    def metrics(self) -> dict[str, float]:
+        s = self.inbox.stats
+        return {"trajectories/duplicate": s.duplicate, "trajectories/stale": s.stale, "trajectories/ahead": s.ahead}
+
+
+def with_prompts(traj: Trajectories, prompts: list[Prompt]) -> Trajectories:
+    """The wire carries tokens and ids, not the prompt text and task fields the reward reads:
+    restore them from the prompts that were sent."""
+    by_id = {p.prompt_id: p for p in prompts}
+    missing = sorted(set(traj.prompt_ids) - set(by_id))
+    if missing:
+        raise ValueError(f"batch {traj.rollout_id} answers prompts that were not sent: {missing[:3]}")
+    chosen = [by_id[pid] for pid in traj.prompt_ids]
+    return traj.with_fields(prompts=[p.text for p in chosen], metadata=[dict(p.metadata) for p in chosen])
+
+
+# --------------------------------------------------------------------------- reward
+
+
+class ActorReward:
+    def __init__(self, actor):
+        self.actor = actor
+
+    def submit(self, traj: Trajectories, traj_ref) -> Future:
+        return self.actor.score_trajectories.remote(traj_ref).future()
+
+    def close(self) -> None:
+        pass
+
+
+class GrpcReward:
+    """Scores through a RewardClient on a thread, so scoring overlaps the reference and learner calls."""
+
+    def __init__(self, client):
+        self.client = client
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-client")
+
+    def submit(self, traj: Trajectories, traj_ref) -> Future:
+        return self._pool.submit(self.client.score_trajectories, traj)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.client.close()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class ObjectStoreWeights:
+    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> dict[str, float]:
+        import ray
+
+        # every rank takes part (a collective under ZeRO-3); rank 0's copy goes to the store once
+        exports = [lr.export_weights.remote() for lr in learners]
+        ray.get([w.update_weights.remote(exports[0], version) for w in workers] + exports[1:], timeout=timeout_s)
+        return {}
+
+
+class GrpcWeights:
+    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> dict[str, float]:
+        import ray
+
+        published = ray.get([lr.publish_weights.remote(version) for lr in learners], timeout=timeout_s)[0]
+        ray.get([w.pull_weights.remote(version) for w in workers], timeout=timeout_s)
+        return {"weight_sync/bytes": float(published["bytes"])}
+
+
+# --------------------------------------------------------------------------- all three
+
+
+@dataclass
+class Channels:
+    rollout: ObjectStoreRollout | GrpcRollout
+    reward: ActorReward | GrpcReward
+    weights: ObjectStoreWeights | GrpcWeights
+    addresses: dict[str, str] = field(default_factory=dict)  # gRPC endpoints, for the log
+
+    def close(self) -> None:
+        self.reward.close()
+        if isinstance(self.rollout, GrpcRollout):
+            self.rollout.server.stop(0)
+
+
+def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -> Channels:
+    """Start the gRPC endpoints the config asks for and connect the workers to them."""
+    import ray
+
+    t, grpc_cfg = cfg.transport, cfg.transport.grpc
+    addresses: dict[str, str] = {}
+
+    rollout = ObjectStoreRollout(workers)
+    if t.trajectories == "grpc":
+        rollout = GrpcRollout(workers, grpc_cfg, cfg.controller.max_staleness)
+        addresses["trajectories"] = rollout.server.address
+
+    weights = ObjectStoreWeights()
+    if t.weights == "grpc":
+        weights = GrpcWeights()
+        addresses["weights"] = ray.get(learners[0].serve_weights.remote(grpc_cfg))
+    if "weights" in addresses or "trajectories" in addresses:
+        ray.get([w.connect.remote(grpc_cfg, addresses.get("weights"), addresses.get("trajectories")) for w in workers])
+
+    reward = ActorReward(reward_actor)
+    if t.reward == "grpc":
+        from keel.reward.client import RewardClient
+
+        addresses["reward"] = grpc_cfg.reward_address or ray.get(reward_actor.address.remote())
+        client = RewardClient(grpc_cfg, addresses["reward"])
+        client.wait_ready()
+        reward = GrpcReward(client)
+    return Channels(rollout, reward, weights, addresses)
