@@ -77,26 +77,39 @@ def test_unplaceable_role_fails_fast_with_what_it_asked(demo_inputs, ray_session
 
 
 def test_grpc_channels_change_nothing(demo_inputs, ray_session, tmp_path, monkeypatch):
-    """The same seed with every channel over the object store, then over gRPC (token on): the same
-    samples, scores, KL and updates, step by step, and the same weights at the end."""
+    """The same seed with every channel over the object store, then over gRPC (token on, the reward
+    from an external shared server as `keel serve reward` runs it): the same samples, scores, KL
+    and updates, step by step, and the same weights at the end."""
     import ray
 
+    from keel.config import GrpcConfig
     from keel.controller.loop import Controller
+    from keel.reward.server import RewardServerConfig, start_reward_server
 
     monkeypatch.setenv("KEEL_GRPC_TOKEN", "same-token")
+    base = _config(*demo_inputs)
+    shared = start_reward_server(RewardServerConfig(reward=base.reward, grpc=GrpcConfig(), port=0))
     runs = {}
-    for transport in ("objectstore", "grpc"):
-        channels = {f"transport.{c}": transport for c in ("trajectories", "weights", "reward")}
-        cfg = _config(*demo_inputs, **channels, **{"controller.steps": 3, "rollout.resources": {"num_cpus": 0.25}})
-        controller = Controller(cfg, tmp_path / transport, log=lambda *_: None)
-        controller.start()
-        try:
-            history = [controller.step() for _ in range(3)]
-            state = ray.get(controller.learners[0].policy_state.remote())
-            worker = ray.get(controller.rollout[0].ready.remote())
-        finally:
-            controller.shutdown()
-        runs[transport] = history, state, worker
+    try:
+        for transport in ("objectstore", "grpc"):
+            channels = {f"transport.{c}": transport for c in ("trajectories", "weights", "reward")}
+            if transport == "grpc":
+                channels["transport.grpc.reward_address"] = f"127.0.0.1:{shared.port}"
+            cfg = _config(*demo_inputs, **channels, **{"rollout.resources": {"num_cpus": 0.25}})
+            controller = Controller(cfg, tmp_path / transport, log=lambda *_: None)
+            controller.start()
+            try:
+                history = [controller.step() for _ in range(3)]
+                state = ray.get(controller.learners[0].policy_state.remote())
+                worker = ray.get(controller.rollout[0].ready.remote())
+                addresses = dict(controller.channels.addresses)
+                assert (controller.reward is None) == (transport == "grpc")  # no reward actor: the server scores
+            finally:
+                controller.shutdown()
+            runs[transport] = history, state, worker
+    finally:
+        shared.stop(0)
+    assert addresses["reward"] == f"127.0.0.1:{shared.port}" and shared.batcher.batches >= 3
     (h_obj, s_obj, w_obj), (h_grpc, s_grpc, w_grpc) = runs["objectstore"], runs["grpc"]
     for key in ("reward_mean", "kl", "response_length", "policy/loss", "value/loss", "rollout/logprob_gap_mean"):
         assert [m[key] for m in h_obj] == [m[key] for m in h_grpc], key
