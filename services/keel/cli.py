@@ -23,12 +23,13 @@ def _err(message: str) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def _load_config(path: str):
-    """The run config, or None after printing one `config error` line per problem."""
-    from keel.config import ConfigError, load_config
+def _load_config(path: str, kind: str = "train"):
+    """The config of `kind` (a run config by default), or None after printing one `config error`
+    line per problem."""
+    from keel.config import CONFIG_KINDS, ConfigError, load_config
 
     try:
-        return load_config(path)
+        return load_config(path, CONFIG_KINDS[kind])
     except ConfigError as err:
         for line in err.lines:
             _err(f"config error: {err.source}: {line}")
@@ -36,19 +37,23 @@ def _load_config(path: str):
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.file)
+    cfg = _load_config(args.file, args.kind)
     if cfg is None:
         return EXIT_BAD_INPUT
-    print(
-        f"{args.file}: ok (estimator {cfg.algorithm.estimator}, rollout {cfg.rollout.backend} x{cfg.rollout.replicas})"
-    )
+    if args.kind == "train":
+        what = f"estimator {cfg.algorithm.estimator}, rollout {cfg.rollout.backend} x{cfg.rollout.replicas}"
+    elif args.kind == "eval":
+        what = f"{len(cfg.checkpoints)} checkpoint(s)"
+    else:
+        what = f"{args.kind} from {cfg.model.path}, {cfg.train.epochs} epoch(s) of batch {cfg.train.batch_size}"
+    print(f"{args.file}: ok ({what})")
     return EXIT_OK
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    from keel.config import config_schema
+    from keel.config import CONFIG_KINDS, config_schema
 
-    print(json.dumps(config_schema(), indent=2))
+    print(json.dumps(config_schema(CONFIG_KINDS[args.kind]), indent=2))
     return EXIT_OK
 
 
@@ -86,10 +91,128 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_task_data(args: argparse.Namespace) -> int:
-    from keel.data.tasks import arithmetic_rows, write_jsonl
+    from keel.data import tasks
 
-    path = write_jsonl(arithmetic_rows(args.rows, args.seed), args.out)
-    print(f"wrote {args.rows} {args.task} prompts to {path}")
+    if not 0.0 <= args.wrong_share < 1.0:
+        _err(f"make-task-data: --wrong-share must be in [0, 1), got {args.wrong_share}")
+        return EXIT_BAD_INPUT
+    make = {
+        "prompts": lambda: tasks.arithmetic_rows(args.rows, args.seed),
+        "sft": lambda: tasks.arithmetic_sft_rows(args.rows, args.seed, args.wrong_share),
+        "preferences": lambda: tasks.arithmetic_preference_rows(args.rows, args.seed),
+    }[args.kind]
+    path = tasks.write_jsonl(make(), args.out)
+    print(f"wrote {args.rows} {args.task} {args.kind} rows to {path}")
+    return EXIT_OK
+
+
+def _role_env() -> None:
+    """The environment every role runs with (quiet transformers, no hub, DeepSpeed's accelerator),
+    unless the caller set otherwise."""
+    import os
+
+    from keel.controller.actors import ROLE_ENV
+
+    for key, value in ROLE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _missing(fields: list[tuple[str, str | None]]) -> list[str]:
+    from pathlib import Path
+
+    return [f"{field}: {path} does not exist" for field, path in fields if path and not Path(path).exists()]
+
+
+def offline_preflight(cfg) -> list[str]:
+    """Files an SFT / RM / DPO config names that are not there."""
+    fields = [("model.path", cfg.model.path), ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)]
+    if cfg.model.tokenizer:
+        fields.append(("model.tokenizer", cfg.model.tokenizer))
+    return _missing(fields + [("reference", getattr(cfg, "reference", None))])
+
+
+def _metric_line(kind: str, m: dict) -> str:
+    """`sft step    10  loss 1.23  accuracy 0.41 ...`, or `... held out: loss ...` for an evaluation."""
+    held_out = any(k.startswith("eval/") for k in m)
+    prefix = f"eval/{kind}/" if held_out else f"{kind}/"
+    shown = "  ".join(f"{k[len(prefix) :]} {v:.4g}" for k, v in m.items() if k.startswith(prefix))
+    return f"{kind} step {m['step']:5d}  {'held out: ' if held_out else ''}{shown}"
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    """keel sft / rm / dpo: check the config and files, train, print progress, write the model."""
+    from keel.data.rows import DataError
+    from keel.learner.offline import output_dir, run_offline
+
+    cfg = _load_config(args.config, args.kind)
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    problems = offline_preflight(cfg)
+    for problem in problems:
+        _err(f"config error: {args.config}: {problem}")
+    if problems:
+        return EXIT_BAD_INPUT
+    _role_env()
+    if args.kind == "sft":
+        from keel.learner.sft import SFTTrainer as trainer
+    elif args.kind == "rm":
+        from keel.learner.reward_model import RewardModelTrainer as trainer
+    else:
+        from keel.learner.dpo import DPOTrainer as trainer
+    out = output_dir(cfg, args.out)
+
+    def show(m: dict) -> None:
+        if "note" in m:
+            print(f"{args.kind}: data: {m['note']}", flush=True)
+        elif any(k.startswith("eval/") for k in m) or m["step"] % args.log_every == 0 or m["step"] == 1:
+            print(_metric_line(args.kind, m), flush=True)
+
+    try:
+        history, _ = run_offline(trainer, cfg, out, show)
+    except DataError as err:
+        _err(f"data error: {err}")
+        return EXIT_BAD_INPUT
+    print(f"wrote {args.kind} model to {out}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from keel.data.rows import DataError
+    from keel.evaluation import evaluate, write_eval
+
+    cfg = _load_config(args.config, "eval")
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    fields = [(f"checkpoints[{i}].path", c.path) for i, c in enumerate(cfg.checkpoints)]
+    fields += [("reference", cfg.reference), ("data.prompts", cfg.data.prompts), ("judge", cfg.judge)]
+    if cfg.reward is not None and cfg.reward.source.type == "model":
+        fields.append(("reward.source.path", cfg.reward.source.path))
+    problems = _missing(fields)
+    for problem in problems:
+        _err(f"config error: {args.config}: {problem}")
+    if problems:
+        return EXIT_BAD_INPUT
+    _role_env()
+    try:
+        result = evaluate(cfg)
+    except DataError as err:
+        _err(f"data error: {err}")
+        return EXIT_BAD_INPUT
+    out = Path(args.out or cfg.output or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}/eval.json")
+    print(f"wrote {write_eval(result, out)}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from keel.demo import DemoPlan, run_demo
+
+    plan = DemoPlan.quick() if args.quick else DemoPlan()
+    run_demo(Path(args.out), plan.with_backend(args.backend))
     return EXIT_OK
 
 
@@ -147,11 +270,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import ray
 
-    from keel.controller.actors import ROLE_ENV
     from keel.controller.loop import Controller
 
-    for key, value in ROLE_ENV.items():
-        os.environ.setdefault(key, value)
+    _role_env()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=cfg.logging.level == "DEBUG")
     from keel.controller.placement import PlacementError
@@ -237,10 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a run config or print its JSON schema")
     config.set_defaults(func=lambda _: _usage(config))
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    validate = config_sub.add_parser("validate", help="check a YAML run config; errors name the field")
-    validate.add_argument("file", help="YAML run config")
+    kinds = ["train", "sft", "rm", "dpo", "eval"]
+    validate = config_sub.add_parser("validate", help="check a YAML config; errors name the field")
+    validate.add_argument("file", help="YAML config")
+    validate.add_argument("--kind", choices=kinds, default="train", help="which command reads it (default train)")
     validate.set_defaults(func=cmd_config_validate)
-    schema = config_sub.add_parser("schema", help="print the run config's JSON schema")
+    schema = config_sub.add_parser("schema", help="print a config's JSON schema")
+    schema.add_argument("--kind", choices=kinds, default="train", help="which command's config (default train)")
     schema.set_defaults(func=cmd_config_schema)
 
     tiny = sub.add_parser("make-tiny-model", help="build a tiny Llama + tokenizer in HF format (no hub needed)")
@@ -257,12 +381,42 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--pretrain-steps", type=int, default=0, help="warm the LM up on the corpus for this many steps")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
-    data = sub.add_parser("make-task-data", help="write a synthetic task's prompts as JSONL (prompt, answer)")
+    data = sub.add_parser("make-task-data", help="write a synthetic task's data as JSONL")
     data.add_argument("task", choices=["arithmetic"], help="arithmetic: single-digit addition, 'a+b=' -> a+b")
     data.add_argument("out", help="output JSONL file")
-    data.add_argument("--rows", type=int, default=512, help="number of prompts (default 512)")
+    data.add_argument(
+        "--kind",
+        choices=["prompts", "sft", "preferences"],
+        default="prompts",
+        help="prompts (prompt, answer): PPO and eval; sft (prompt, response); preferences (prompt, chosen, rejected)",
+    )
+    data.add_argument("--rows", type=int, default=512, help="number of rows (default 512)")
+    data.add_argument("--wrong-share", type=float, default=0.0, help="sft: share of demonstrations with a wrong sum")
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_make_task_data)
+
+    helps = {
+        "sft": "supervised fine-tuning (loss on response tokens), DeepSpeed, HF output",
+        "rm": "train a reward model on preference pairs (Bradley-Terry), HF output",
+        "dpo": "DPO / IPO / conservative DPO against a frozen reference, HF output",
+    }
+    for kind, text in helps.items():
+        cmd = sub.add_parser(kind, help=text)
+        cmd.add_argument("--config", required=True, help=f"YAML {kind} config (keel config schema --kind {kind})")
+        cmd.add_argument("--out", help="output directory (default: the config's output_dir, else runs/<name>-<time>)")
+        cmd.add_argument("--log-every", type=int, default=10, help="print every this many steps (default 10)")
+        cmd.set_defaults(func=cmd_offline, kind=kind)
+
+    ev = sub.add_parser("eval", help="evaluate checkpoints on held-out prompts: reward, KL, task metric, win rate")
+    ev.add_argument("--config", required=True, help="YAML eval config (keel config schema --kind eval)")
+    ev.add_argument("--out", help="eval.json path (default: the config's output, else runs/<name>-<time>/eval.json)")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on a checkable task: SFT -> RM -> PPO (and DPO), evaluated")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="PPO rollout backend (default vllm)")
+    demo.add_argument("--quick", action="store_true", help="a reduced run (fewer steps and prompts) for smoke tests")
+    demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="run PPO (or GRPO, RLOO, REINFORCE++) as configured, on Ray")
     train.add_argument("--config", required=True, help="YAML run config")

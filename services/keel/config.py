@@ -241,16 +241,21 @@ class CriticConfig(Section):
     )
 
 
-class LearnerConfig(Section):
-    """The DeepSpeed learner: policy (and critic) training."""
+class TrainerConfig(Section):
+    """A DeepSpeed trainer: data-parallel ranks, ZeRO, the optimizer and micro-batching."""
 
     resources: Resources = Field(default_factory=Resources, description="Per-replica resources.")
-    replicas: PositiveInt = Field(1, description="Data-parallel learner ranks.")
+    replicas: PositiveInt = Field(1, description="Data-parallel ranks.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed settings.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Policy optimizer.")
-    critic: CriticConfig = Field(default_factory=CriticConfig, description="Critic settings (gae only).")
-    micro_batch_size: PositiveInt = Field(8, description="Sequences per forward/backward pass.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer of the trained model.")
+    micro_batch_size: PositiveInt = Field(8, description="Sequences (or pairs) per forward/backward pass.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class LearnerConfig(TrainerConfig):
+    """The PPO learner: policy (and critic) training."""
+
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="Critic settings (gae only).")
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -457,6 +462,184 @@ class RunConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- offline trainers: SFT, RM, DPO
+
+
+class BaseModelConfig(Section):
+    """The model a trainer starts from (and the tokenizer it reads data with)."""
+
+    path: str = Field(description="HF-format checkpoint to start from (causal LM).")
+    tokenizer: str | None = Field(None, description="Tokenizer path; defaults to the model path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the checkpoint.")
+
+
+class DatasetConfig(Section):
+    """Rows from a JSONL file or an HF dataset (save_to_disk directory or a local json/parquet/csv file)."""
+
+    path: str = Field(description="Training rows: a .jsonl file, or (format: hf) a dataset directory or data file.")
+    format: Literal["jsonl", "hf"] = Field("jsonl", description="How to read `path` and `eval_path`.")
+    eval_path: str | None = Field(
+        None, description="Held-out rows in the same format; unset = split off eval_fraction."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="With eval_path unset: share of rows held out (seeded) for evaluation."
+    )
+    apply_chat_template: bool = Field(
+        False, description="Wrap prompts as a user turn in the tokenizer's chat template when it has one."
+    )
+    max_tokens: PositiveInt = Field(256, description="Longest prompt + response in tokens; see overlong.")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "drop", description="A longer row: cut the response end, drop it (counted), or stop with an error."
+    )
+
+
+class SFTDataConfig(DatasetConfig):
+    """Supervised examples: prompt/response pairs or chat message lists."""
+
+    style: Literal["prompt_response", "messages"] = Field(
+        "prompt_response", description="prompt_response: two text fields; messages: a list of {role, content}."
+    )
+    prompt_field: str = Field("prompt", description="Field with the prompt (prompt_response).")
+    response_field: str = Field("response", description="Field with the target response (prompt_response).")
+    messages_field: str = Field("messages", description="Field with the message list (messages).")
+    packing: bool = Field(
+        False, description="Concatenate examples into max_tokens sequences (positions restart per example)."
+    )
+
+
+class PreferenceDataConfig(DatasetConfig):
+    """Preference pairs: a prompt, a chosen and a rejected response."""
+
+    prompt_field: str = Field("prompt", description="Field with the prompt.")
+    chosen_field: str = Field("chosen", description="Field with the preferred response.")
+    rejected_field: str = Field("rejected", description="Field with the dispreferred response.")
+    margin_field: str | None = Field(
+        None, description="Optional numeric field: how much better chosen is (the Bradley-Terry margin)."
+    )
+
+
+class TrainLoopConfig(Section):
+    """Epochs, batches and evaluation of an offline trainer."""
+
+    epochs: PositiveInt = Field(1, description="Passes over the training rows.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0 = run every epoch.")
+    batch_size: PositiveInt = Field(32, description="Examples (or pairs) per optimizer step, over all ranks.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every this many optimizer steps; 0 = after each epoch.")
+    shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded).")
+
+
+class OfflineRun(Section):
+    """What every offline trainer's config has."""
+
+    name: str = Field(min_length=1, description="Run name (prefix of the output directory).")
+    seed: int = Field(0, description="Seed for data order, splits and initialisation.")
+    model: BaseModelConfig = Field(description="The model to start from.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="DeepSpeed, optimizer, micro-batches.")
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Epochs, batch size, evaluation.")
+    output_dir: str | None = Field(None, description="Where the HF model, metrics.jsonl and config.yaml go.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> OfflineRun:
+        per_step = self.trainer.micro_batch_size * self.trainer.replicas
+        if self.train.batch_size % per_step:
+            raise _FieldError(
+                "train.batch_size",
+                f"{self.train.batch_size} must be a multiple of trainer.micro_batch_size x trainer.replicas "
+                f"({self.trainer.micro_batch_size} x {self.trainer.replicas})",
+            )
+        return self
+
+
+class SFTConfig(OfflineRun):
+    """`keel sft`: supervised fine-tuning, loss on response (assistant) tokens only."""
+
+    name: str = Field("sft", min_length=1, description="Run name (prefix of the output directory).")
+    data: SFTDataConfig = Field(description="Supervised examples.")
+
+
+class RewardModelConfig(OfflineRun):
+    """`keel rm`: a reward model from preference pairs (Bradley-Terry loss)."""
+
+    name: str = Field("rm", min_length=1, description="Run name (prefix of the output directory).")
+    data: PreferenceDataConfig = Field(description="Preference pairs.")
+    use_margin: bool = Field(
+        False, description="Subtract data.margin_field from the reward gap in the loss (Llama 2's margin loss)."
+    )
+
+    @model_validator(mode="after")
+    def _margin_needs_field(self) -> RewardModelConfig:
+        if self.use_margin and self.data.margin_field is None:
+            raise _FieldError("data.margin_field", "use_margin is on: name the field that holds each pair's margin")
+        return self
+
+
+class DPOLossConfig(Section):
+    """The DPO-family loss."""
+
+    beta: float = Field(0.1, gt=0.0, description="beta: strength of the KL-style constraint to the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO; ipo: IPO's squared loss.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Conservative DPO: assumed share of flipped labels (sigmoid only)."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> DPOLossConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type sigmoid only")
+        return self
+
+
+class DPOConfig(OfflineRun):
+    """`keel dpo`: direct preference optimisation against a frozen reference."""
+
+    name: str = Field("dpo", min_length=1, description="Run name (prefix of the output directory).")
+    data: PreferenceDataConfig = Field(description="Preference pairs.")
+    reference: str | None = Field(None, description="Frozen reference checkpoint; defaults to model.path.")
+    dpo: DPOLossConfig = Field(default_factory=DPOLossConfig, description="Loss type and beta.")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalCheckpoint(Section):
+    """One policy to evaluate."""
+
+    name: str = Field(min_length=1, description="Label in the table and in eval.json.")
+    path: str = Field(description="HF-format causal LM.")
+
+
+class EvalConfig(Section):
+    """`keel eval`: held-out prompts through one or more policies, scored several ways."""
+
+    name: str = Field("eval", min_length=1, description="Run name.")
+    seed: int = Field(0, description="Sampling seed.")
+    checkpoints: list[EvalCheckpoint] = Field(min_length=1, description="Policies to evaluate, in table order.")
+    reference: str = Field(description="Reference policy: KL is measured to it, and win rates are against it.")
+    data: DataConfig = Field(description="Held-out prompts (data.prompts) with the fields the reward needs.")
+    max_prompt_tokens: PositiveInt = Field(128, description="Prompts longer than this follow data.overlong_prompts.")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(n=1), description="How each policy samples its answers."
+    )
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    reward: RewardConfig | None = Field(None, description="The reward to report the mean of (model or function).")
+    judge: str | None = Field(
+        None, description="Reward model that judges each policy's answer against the reference's (win rate)."
+    )
+    task_metric: str | None = Field(
+        None, description='Per-sample 0/1 metric "module:function" with the reward signature, e.g. exact match.'
+    )
+    max_prompts: int = Field(0, ge=0, description="Evaluate only the first this many prompts; 0 = all.")
+    output: str | None = Field(None, description="Where eval.json goes; default <name>-<time>/eval.json.")
+
+    @field_validator("task_metric")
+    @classmethod
+    def _metric_ref(cls, v: str | None) -> str | None:
+        if v is not None and not _FUNCTION_REF.match(v):
+            raise ValueError(f'must look like "package.module:function", got {v!r}')
+        return v
+
+
 # --------------------------------------------------------------------------- derived values
 
 
@@ -542,18 +725,28 @@ def validation_error_lines(err: ValidationError) -> list[str]:
     return lines
 
 
-def parse_config(data: Any, source: str = "<config>") -> RunConfig:
-    """Validate an already-parsed mapping; raises ConfigError."""
+def parse_config(data: Any, source: str = "<config>", schema: type[Section] = RunConfig) -> Any:
+    """Validate an already-parsed mapping against `schema` (a run config by default); raises ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(data).__name__}"])
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, validation_error_lines(err)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; raises ConfigError (one line per problem)."""
+# `keel config validate --kind K` and the commands that read each kind of config.
+CONFIG_KINDS: dict[str, type[Section]] = {
+    "train": RunConfig,
+    "sft": SFTConfig,
+    "rm": RewardModelConfig,
+    "dpo": DPOConfig,
+    "eval": EvalConfig,
+}
+
+
+def load_config(path: str | Path, schema: type[Section] = RunConfig) -> Any:
+    """Read and validate a YAML config (a run config by default); raises ConfigError (one line per problem)."""
     path = Path(path)
     source = str(path)
     try:
@@ -569,12 +762,12 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(source, [f"malformed YAML: {where}{problem}"]) from None
     if data is None:
         raise ConfigError(source, ["(top level): the file is empty"])
-    return parse_config(data, source)
+    return parse_config(data, source, schema)
 
 
-def config_schema() -> dict[str, Any]:
-    """JSON schema of RunConfig, with every field's description."""
-    return RunConfig.model_json_schema()
+def config_schema(schema: type[Section] = RunConfig) -> dict[str, Any]:
+    """JSON schema of a config (a run config by default), with every field's description."""
+    return schema.model_json_schema()
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -11,6 +11,7 @@ Shapes: B samples, P prompt tokens (left-padded), R response tokens (right-padde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -149,6 +150,31 @@ class Trajectories:
                 fill = pad_token_id if f.name == "response_tokens" else 0
                 out[f.name] = torch.cat([_pad_right(v, R, fill) for v in values])
         return Trajectories(**out)
+
+
+def pad_prompts_and_responses(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch layout every role uses: prompts left-padded, responses right-padded.
+
+    Returns prompt_tokens (B, P) int64, prompt_mask (B, P) bool, response_tokens (B, R) int64,
+    response_mask (B, R) bool, with R >= 1 even when every response is empty.
+    """
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    prompt_tokens = torch.full((B, P), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((B, P), dtype=torch.bool)
+    response_tokens = torch.full((B, R), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if p:
+            prompt_tokens[b, P - len(p) :] = torch.tensor(p)
+            prompt_mask[b, P - len(p) :] = True
+        if r:
+            response_tokens[b, : len(r)] = torch.tensor(r)
+            response_mask[b, : len(r)] = True
+    return prompt_tokens, prompt_mask, response_tokens, response_mask
 
 
 def _pad_left(x: torch.Tensor, width: int, fill) -> torch.Tensor:

@@ -144,3 +144,108 @@ def test_train_over_grpc_without_a_token_is_refused_before_starting(tmp_path):
         f"keel: config error: {path}: transport.grpc.tls_ca: missing-ca.pem does not exist",
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_make_task_data_kinds(tmp_path):
+    out = run(
+        "make-task-data",
+        "arithmetic",
+        str(tmp_path / "s.jsonl"),
+        "--kind",
+        "sft",
+        "--rows",
+        "50",
+        "--wrong-share",
+        "0.4",
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    wrong = sum(r["response"] != r["answer"] for r in rows)
+    assert 5 < wrong < 35 and {"prompt", "response", "answer"} <= set(rows[0])
+    out = run("make-task-data", "arithmetic", str(tmp_path / "p.jsonl"), "--kind", "preferences", "--rows", "20")
+    assert out.returncode == 0, out.stderr
+    pair = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert pair["chosen"] != pair["rejected"] and pair["margin"] in (1.0, 2.0)
+    assert run("make-task-data", "arithmetic", str(tmp_path / "x.jsonl"), "--wrong-share", "1.5").returncode == 2
+
+
+def _yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_sft_rm_dpo_eval_commands_chain(demo_inputs, tmp_path):
+    """Every offline command on tiny data, each reading the previous one's output, as a user runs them."""
+    from keel.data.tasks import arithmetic_preference_rows, arithmetic_sft_rows, write_jsonl
+
+    policy, prompts = demo_inputs
+    sft_rows = write_jsonl(arithmetic_sft_rows(128, seed=1), tmp_path / "sft.jsonl")
+    pairs = write_jsonl(arithmetic_preference_rows(128, seed=2), tmp_path / "pairs.jsonl")
+    common = {"trainer": {"micro_batch_size": 32}, "train": {"epochs": 1, "batch_size": 32}}
+    sft = _yaml(
+        tmp_path / "sft.yaml",
+        {"model": {"path": str(policy)}, "data": {"path": str(sft_rows), "eval_fraction": 0.25}, **common},
+    )
+    out = run("sft", "--config", sft, "--out", str(tmp_path / "sft"), "--log-every", "1")
+    assert out.returncode == 0, out.stderr
+    assert "sft step     1  loss " in out.stdout and "held out: loss " in out.stdout
+    assert f"wrote sft model to {tmp_path / 'sft'}" in out.stdout
+    pair_data = {"path": str(pairs), "eval_fraction": 0.25}
+    rm = _yaml(tmp_path / "rm.yaml", {"model": {"path": str(tmp_path / "sft")}, "data": pair_data, **common})
+    out = run("rm", "--config", rm, "--out", str(tmp_path / "rm"))
+    assert out.returncode == 0, out.stderr
+    assert "rm step     3  held out: loss" in out.stdout and "accuracy" in out.stdout  # 96 pairs: 3 steps
+    dpo = _yaml(tmp_path / "dpo.yaml", {"model": {"path": str(tmp_path / "sft")}, "data": pair_data, **common})
+    out = run("dpo", "--config", dpo, "--out", str(tmp_path / "dpo"))
+    assert out.returncode == 0, out.stderr
+    evaluation = _yaml(
+        tmp_path / "eval.yaml",
+        {
+            "checkpoints": [
+                {"name": "sft", "path": str(tmp_path / "sft")},
+                {"name": "dpo", "path": str(tmp_path / "dpo")},
+            ],
+            "reference": str(tmp_path / "sft"),
+            "data": {"prompts": str(prompts), "metadata_fields": ["answer"]},
+            "sampling": {"max_new_tokens": 4},
+            "judge": str(tmp_path / "rm"),
+            "task_metric": "keel.reward.rules:arithmetic_exact",
+            "max_prompts": 16,
+        },
+    )
+    out = run("eval", "--config", evaluation, "--out", str(tmp_path / "eval.json"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert [c["name"] for c in result["checkpoints"]] == ["sft", "dpo"]
+    assert result["checkpoints"][0]["win_rate"] == 0.5  # the reference against itself
+
+
+def test_offline_commands_refuse_bad_input_before_training(tmp_path):
+    cfg = _yaml(tmp_path / "sft.yaml", {"model": {"path": str(tmp_path / "nope")}, "data": {"path": "missing.jsonl"}})
+    out = run("sft", "--config", cfg, "--out", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"keel: config error: {cfg}: model.path: {tmp_path / 'nope'} does not exist",
+        f"keel: config error: {cfg}: data.path: missing.jsonl does not exist",
+    ]
+    bad = _yaml(tmp_path / "rm.yaml", {"model": {"path": "m"}, "data": {"path": "d"}, "train": {"batch_size": 30}})
+    out = run("rm", "--config", bad)
+    assert out.returncode == 2
+    assert (
+        "train.batch_size: 30 must be a multiple of trainer.micro_batch_size x trainer.replicas (8 x 1)" in out.stderr
+    )
+    out = run("config", "validate", "--kind", "dpo", str(ROOT / "deploy" / "configs" / "dpo.yaml"))
+    assert out.returncode == 0 and "dpo from runs/demo/sft" in out.stdout
+
+
+def test_a_bad_row_is_a_data_error_naming_file_and_row(demo_inputs, tmp_path):
+    policy, _ = demo_inputs
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    cfg = _yaml(tmp_path / "sft.yaml", {"model": {"path": str(policy)}, "data": {"path": str(data)}})
+    out = run("sft", "--config", cfg, "--out", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert f"keel: data error: {data}:2: missing field 'response'" in out.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -8,8 +8,8 @@ import yaml
 from pydantic import ValidationError
 
 from keel.config import (
+    CONFIG_KINDS,
     ConfigError,
-    RunConfig,
     config_schema,
     dump_config,
     load_config,
@@ -49,10 +49,22 @@ def _errors(data) -> list[str]:
 
 
 def test_examples_exist_and_load():
-    assert len(EXAMPLES) >= 3
+    assert len(EXAMPLES) >= 8
     for path in EXAMPLES:
-        cfg = load_config(path)
-        assert isinstance(cfg, RunConfig)
+        kind = path.stem if path.stem in CONFIG_KINDS else "train"
+        assert isinstance(load_config(path, CONFIG_KINDS[kind]), CONFIG_KINDS[kind]), path
+
+
+def test_demo_stage_configs_are_the_examples():
+    """keel demo runs exactly the configs deploy/configs documents (for runs/demo)."""
+    from keel.demo import DemoPlan, stage_configs
+
+    base = Path("runs/demo")
+    data = {k: base / "data" / f"{k}.jsonl" for k in ("sft", "pairs", "pairs_eval", "prompts", "eval_prompts")}
+    built = stage_configs(base, DemoPlan(), data)
+    for stage, kind in (("sft", "sft"), ("rm", "rm"), ("dpo", "dpo"), ("eval", "eval"), ("ppo", "train")):
+        example = load_config(ROOT / "deploy" / "configs" / f"{stage}.yaml", CONFIG_KINDS[kind])
+        assert example == built[stage], stage
 
 
 def test_minimal_config_fills_defaults_and_derived_values():

@@ -8,9 +8,20 @@ import socket
 
 from keel.config import Resources
 
-# Environment every role process needs on CPU machines (harmless on GPU ones).
+
+def _accelerator() -> str:
+    """DeepSpeed's accelerator: as set, else cuda where this process sees a GPU, else cpu (set
+    DS_ACCELERATOR yourself when the driver has no GPU but the workers do)."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Environment every role process gets (quiet, offline, in-process vLLM engine).
 ROLE_ENV = {
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    "DS_ACCELERATOR": _accelerator(),
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_VERBOSITY": "error",

@@ -6,11 +6,13 @@ dropped or refused per config, and the count is reported.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 
 from keel.config import DataConfig
+from keel.data.rows import DataError, read_rows
+
+__all__ = ["DataError", "Prompt", "PromptSampler", "PromptSet", "encode_prompt", "load_prompts"]
 
 
 @dataclass(frozen=True)
@@ -28,61 +30,34 @@ class PromptSet:
     dropped: int = 0
 
 
-class DataError(ValueError):
-    """A bad prompt file or row; the message names the file and the row."""
-
-
-def _read_rows(cfg: DataConfig, path: str) -> list[dict]:
-    if cfg.format == "hf":
-        from datasets import load_from_disk
-
-        return [dict(r) for r in load_from_disk(path)]
-    rows = []
-    try:
-        with open(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append({"__line__": lineno, **row})
-    except OSError as err:
-        raise DataError(f"{path}: cannot read prompts ({err.strerror})") from None
-    return rows
+def encode_prompt(tokenizer, text: str, apply_chat_template: bool) -> tuple[str, list[int]]:
+    """(text, token ids) of a prompt as the policy sees it: wrapped as a user turn in the
+    tokenizer's chat template when asked and the tokenizer has one. PPO prompts, SFT and DPO
+    examples all go through here, so a policy is trained on the prompts it is later given."""
+    if apply_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text, tokenizer(text, add_special_tokens=True).input_ids
 
 
 def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int, path: str | None = None) -> PromptSet:
     """Read `path` (default cfg.prompts), check every row, tokenise, apply the over-long policy."""
     path = path or cfg.prompts
-    rows = _read_rows(cfg, path)
+    rows = read_rows(path, cfg.format)
     prompts, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
-        where = f"{path}:{row.pop('__line__', i + 1)}"
-        text = row.get(cfg.prompt_field)
-        if text is None:
-            raise DataError(f"{where}: missing field {cfg.prompt_field!r}")
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {cfg.prompt_field!r} must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise DataError(f"{where}: field {cfg.prompt_field!r} is empty")
+        text = row.text(cfg.prompt_field)
         metadata = {}
         for name in cfg.metadata_fields:
-            if name not in row:
-                raise DataError(f"{where}: missing metadata field {name!r}")
-            metadata[name] = str(row[name])
-        prompt_id = str(row[cfg.id_field]) if cfg.id_field and cfg.id_field in row else str(i)
-        if cfg.apply_chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        ids = tokenizer(text, add_special_tokens=True).input_ids
+            if name not in row.fields:
+                raise DataError(f"{row.where}: missing metadata field {name!r}")
+            metadata[name] = str(row.fields[name])
+        prompt_id = str(row.fields[cfg.id_field]) if cfg.id_field and cfg.id_field in row.fields else str(i)
+        text, ids = encode_prompt(tokenizer, text, cfg.apply_chat_template)
         if len(ids) > max_prompt_tokens:
             if cfg.overlong_prompts == "error":
-                raise DataError(f"{where}: prompt has {len(ids)} tokens, limit is {max_prompt_tokens}")
+                raise DataError(f"{row.where}: prompt has {len(ids)} tokens, limit is {max_prompt_tokens}")
             if cfg.overlong_prompts == "drop":
                 dropped += 1
                 continue

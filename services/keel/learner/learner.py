@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from keel.algo import entropy_from_logits, entropy_loss, gather_logprobs, kl_loss, policy_loss, value_loss
-from keel.config import AlgorithmConfig, GrpcConfig, LearnerConfig, ModelConfig, OptimizerConfig
+from keel.config import AlgorithmConfig, GrpcConfig, LearnerConfig, ModelConfig, OptimizerConfig, TrainerConfig
 from keel.models.loading import ValueModel, load_causal_lm, load_tokenizer, response_logits
 from keel.trajectory import Trajectories
 
@@ -48,7 +48,7 @@ def lr_lambda(opt: OptimizerConfig, total_steps: int):
 
 
 def deepspeed_config(
-    learner: LearnerConfig, opt: OptimizerConfig, dtype: str, world_size: int, mini_batch: int
+    learner: TrainerConfig, opt: OptimizerConfig, dtype: str, world_size: int, mini_batch: int
 ) -> dict:
     micro = learner.micro_batch_size
     per_rank = mini_batch // world_size
@@ -84,7 +84,25 @@ def deepspeed_config(
     }
 
 
-def _init_distributed(backend: str) -> tuple[int, int]:
+def make_engine(
+    module, trainer: TrainerConfig, opt: OptimizerConfig, dtype: str, world_size: int, mini_batch: int, steps: int
+):
+    """A DeepSpeed engine for `module`: AdamW, ZeRO as configured, warmup/decay over `steps`
+    optimizer steps; `mini_batch` samples per optimizer step over all ranks."""
+    import deepspeed
+
+    schedule = lr_lambda(opt, steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=deepspeed_config(trainer, opt, dtype, world_size, mini_batch),
+        # stepped by engine.step() at each gradient-accumulation boundary
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    return engine
+
+
+def init_distributed(backend: str) -> tuple[int, int]:
     import deepspeed
 
     for key, default in {
@@ -106,18 +124,15 @@ class Learner:
     """One data-parallel rank of the policy (and critic) trainer."""
 
     def __init__(self, model: ModelConfig, learner: LearnerConfig, algorithm: AlgorithmConfig, plan: LearnerPlan):
-        import deepspeed
-
         self.algorithm = algorithm
         self.plan = plan
         self.model_cfg = model
-        self.rank, self.world_size = _init_distributed(learner.deepspeed.backend)
+        self.rank, self.world_size = init_distributed(learner.deepspeed.backend)
         torch.manual_seed(plan.seed)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.tokenizer = load_tokenizer(model.tokenizer or model.policy)
-        self.zero_stage = learner.deepspeed.zero_stage
 
         policy = load_causal_lm(model.policy, model.dtype, model.trust_remote_code)
         if learner.gradient_checkpointing:
@@ -129,22 +144,12 @@ class Learner:
             self.critic = self._engine(critic, learner, learner.critic.optimizer)
         self.version = 0
         self.optimizer_steps = 0
-        self._deepspeed = deepspeed
         self._publisher = None  # WeightPublisher on rank 0 when weights go over gRPC
 
     def _engine(self, module, learner: LearnerConfig, opt: OptimizerConfig):
-        import deepspeed
-
-        config = deepspeed_config(learner, opt, self.model_cfg.dtype, self.world_size, self.algorithm.mini_batch_size)
-        schedule = lr_lambda(opt, self.plan.total_optimizer_steps)
-        engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=config,
-            # stepped by engine.step() at each gradient-accumulation boundary
-            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        )
-        return engine
+        mini = self.algorithm.mini_batch_size
+        steps = self.plan.total_optimizer_steps
+        return make_engine(module, learner, opt, self.model_cfg.dtype, self.world_size, mini, steps)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -233,7 +238,7 @@ class Learner:
             loss = loss + a.entropy_coef * ent
         metrics.update(ent_metrics)
         self.policy.backward(loss)
-        metrics.update(_step(self.policy, "policy/grad_norm"))
+        metrics.update(step_engine(self.policy, "policy/grad_norm"))
 
         if self.critic is not None:
             values = self.critic(ids, attn, P)
@@ -241,7 +246,7 @@ class Learner:
                 values, mb.values.to(self.device), mb.returns.to(self.device), mask, a.value_clip, a.loss_agg
             )
             self.critic.backward(a.value_coef * vloss)
-            metrics.update(_step(self.critic, "value/grad_norm"))
+            metrics.update(step_engine(self.critic, "value/grad_norm"))
             metrics.update(vmetrics)
         return metrics
 
@@ -249,12 +254,7 @@ class Learner:
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Full policy weights under HF names, on CPU (gathered from ZeRO-3 shards when needed)."""
-        module = self.policy.module
-        if self.zero_stage == 3:
-            params = list(module.parameters())
-            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return full_state_dict(self.policy)
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Rank 0's full policy weights; None on other ranks. Every rank must call it: under ZeRO-3
@@ -294,7 +294,19 @@ class Learner:
         return out
 
 
-def _step(engine, key: str) -> dict[str, float]:
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """An engine's whole module state on CPU under its own names. Under ZeRO-3 the shards are
+    gathered first, which is a collective: every rank must call it."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def step_engine(engine, key: str) -> dict[str, float]:
     """engine.step(); at an accumulation boundary also report the pre-clip global grad norm.
 
     DeepSpeed tracks the norm under ZeRO 1-3; under ZeRO 0 the gradients are whole on every rank

@@ -92,6 +92,16 @@ class RewardModel(Scorer):
         return scores
 
 
+def reward_model_inputs(tokenizer, prompts: list[str], responses: list[str], max_tokens: int) -> dict:
+    """How a reward model reads a sample, in training (`keel rm`) and in scoring alike: the prompt
+    text followed by the response text, right-padded, truncated from the left (the end of the
+    response is what matters). The model pools the last real token."""
+    tokenizer.truncation_side = "left"
+    tokenizer.padding_side = "right"
+    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+
+
 class _ModelScorer:
     """An HF AutoModelForSequenceClassification with one label: its logit is the score."""
 
@@ -102,8 +112,6 @@ class _ModelScorer:
 
         self.source = source
         self.tokenizer = load_tokenizer(source.path)
-        self.tokenizer.truncation_side = "left"  # keep the end of the response
-        self.tokenizer.padding_side = "right"
         self.model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
         if self.model.config.num_labels != 1:
             raise RewardError(f"reward.source.path: {source.path} has {self.model.config.num_labels} labels, need 1")
@@ -111,15 +119,11 @@ class _ModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, str]]) -> torch.Tensor:
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         out = []
-        for start in range(0, len(texts), self.source.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.source.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.source.max_tokens,
+        size = self.source.batch_size
+        for start in range(0, len(prompts), size):
+            batch = reward_model_inputs(
+                self.tokenizer, prompts[start : start + size], responses[start : start + size], self.source.max_tokens
             )
             out.append(self.model(**batch).logits[:, 0].float())
         return torch.cat(out)

@@ -32,3 +32,17 @@ def arithmetic(prompts: list[str], responses: list[str], metadata: list[dict[str
         else:
             scores.append(0.1)
     return scores
+
+
+def arithmetic_exact(
+    prompts: list[str], responses: list[str], metadata: list[dict[str, str]], **_: object
+) -> list[float]:
+    """The demo's task metric: 1.0 when the response is exactly the right sum (surrounding
+    whitespace aside) and nothing else, else 0.0. Stricter than `arithmetic`: "12ult5" for
+    "7+5=" is wrong here."""
+    out = []
+    for i, (response, meta) in enumerate(zip(responses, metadata, strict=True)):
+        if "answer" not in meta:
+            raise ValueError(f"sample {i}: arithmetic metric needs metadata field 'answer'")
+        out.append(1.0 if response.strip() == meta["answer"].strip() else 0.0)
+    return out

@@ -16,7 +16,7 @@ from keel.config import GrpcConfig, ModelConfig, RolloutConfig, SamplingConfig
 from keel.data.prompts import Prompt
 from keel.models.loading import load_tokenizer
 from keel.rollout.base import Generator
-from keel.trajectory import Trajectories
+from keel.trajectory import Trajectories, pad_prompts_and_responses
 
 
 class WeightUpdateError(ValueError):
@@ -56,28 +56,17 @@ class RolloutWorker:
         sampling = sampling or self.sampling
         samples = self.generator.generate([p.token_ids for p in prompts], sampling, seed)
         tok = self.tokenizer
-        pad = tok.pad_token_id
-        B = len(samples)
-        P = max(len(p.token_ids) for p in prompts)
-        R = max(1, max(len(s.token_ids) for s in samples))
-        prompt_tokens = torch.full((B, P), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((B, P), dtype=torch.bool)
-        response_tokens = torch.full((B, R), pad, dtype=torch.long)
-        response_mask = torch.zeros((B, R), dtype=torch.bool)
-        logprobs = torch.zeros((B, R), dtype=torch.float32)
+        chosen = [prompts[s.prompt_index] for s in samples]
+        prompt_tokens, prompt_mask, response_tokens, response_mask = pad_prompts_and_responses(
+            [p.token_ids for p in chosen], [s.token_ids for s in samples], tok.pad_token_id
+        )
+        logprobs = torch.zeros(response_tokens.shape, dtype=torch.float32)
         sample_index, seen = [], {}
         for b, s in enumerate(samples):
-            p = prompts[s.prompt_index].token_ids
-            prompt_tokens[b, P - len(p) :] = torch.tensor(p)
-            prompt_mask[b, P - len(p) :] = True
-            n = len(s.token_ids)
-            if n:
-                response_tokens[b, :n] = torch.tensor(s.token_ids)
-                response_mask[b, :n] = True
-                logprobs[b, :n] = torch.tensor(s.logprobs)
+            if s.token_ids:
+                logprobs[b, : len(s.token_ids)] = torch.tensor(s.logprobs)
             sample_index.append(seen.get(s.prompt_index, 0))
             seen[s.prompt_index] = sample_index[-1] + 1
-        chosen = [prompts[s.prompt_index] for s in samples]
         return Trajectories(
             rollout_id=f"{self.worker_id}-{uuid.uuid4().hex[:12]}",
             weight_version=self.weight_version,
