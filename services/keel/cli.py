@@ -36,6 +36,18 @@ def _load_config(path: str, kind: str = "train"):
         return None
 
 
+def _checked_config(path: str, kind: str, preflight_fn):
+    """The config, when it loads and `preflight_fn(cfg)` finds no problem (files that are not there,
+    a missing token); else None after one `config error` line per problem. Nothing has started."""
+    cfg = _load_config(path, kind)
+    if cfg is None:
+        return None
+    problems = preflight_fn(cfg)
+    for problem in problems:
+        _err(f"config error: {path}: {problem}")
+    return None if problems else cfg
+
+
 def cmd_config_validate(args: argparse.Namespace) -> int:
     cfg = _load_config(args.file, args.kind)
     if cfg is None:
@@ -131,6 +143,15 @@ def offline_preflight(cfg) -> list[str]:
     return _missing(fields + [("reference", getattr(cfg, "reference", None))])
 
 
+def eval_preflight(cfg) -> list[str]:
+    """Files an eval config names that are not there."""
+    fields = [(f"checkpoints[{i}].path", c.path) for i, c in enumerate(cfg.checkpoints)]
+    fields += [("reference", cfg.reference), ("data.prompts", cfg.data.prompts), ("judge", cfg.judge)]
+    if cfg.reward is not None and cfg.reward.source.type == "model":
+        fields.append(("reward.source.path", cfg.reward.source.path))
+    return _missing(fields)
+
+
 def _metric_line(kind: str, m: dict) -> str:
     """`sft step    10  loss 1.23  accuracy 0.41 ...`, or `... held out: loss ...` for an evaluation."""
     held_out = any(k.startswith("eval/") for k in m)
@@ -144,13 +165,8 @@ def cmd_offline(args: argparse.Namespace) -> int:
     from keel.data.rows import DataError
     from keel.learner.offline import output_dir, run_offline
 
-    cfg = _load_config(args.config, args.kind)
+    cfg = _checked_config(args.config, args.kind, offline_preflight)
     if cfg is None:
-        return EXIT_BAD_INPUT
-    problems = offline_preflight(cfg)
-    for problem in problems:
-        _err(f"config error: {args.config}: {problem}")
-    if problems:
         return EXIT_BAD_INPUT
     _role_env()
     if args.kind == "sft":
@@ -183,17 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from keel.data.rows import DataError
     from keel.evaluation import evaluate, write_eval
 
-    cfg = _load_config(args.config, "eval")
+    cfg = _checked_config(args.config, "eval", eval_preflight)
     if cfg is None:
-        return EXIT_BAD_INPUT
-    fields = [(f"checkpoints[{i}].path", c.path) for i, c in enumerate(cfg.checkpoints)]
-    fields += [("reference", cfg.reference), ("data.prompts", cfg.data.prompts), ("judge", cfg.judge)]
-    if cfg.reward is not None and cfg.reward.source.type == "model":
-        fields.append(("reward.source.path", cfg.reward.source.path))
-    problems = _missing(fields)
-    for problem in problems:
-        _err(f"config error: {args.config}: {problem}")
-    if problems:
         return EXIT_BAD_INPUT
     _role_env()
     try:
@@ -258,13 +265,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    cfg = _load_config(args.config)
+    cfg = _checked_config(args.config, "train", preflight)
     if cfg is None:
-        return EXIT_BAD_INPUT
-    problems = preflight(cfg)
-    for problem in problems:
-        _err(f"config error: {args.config}: {problem}")
-    if problems:
         return EXIT_BAD_INPUT
     run_dir = Path(args.run_dir or cfg.logging.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 

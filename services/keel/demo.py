@@ -173,12 +173,27 @@ def stage_configs(out: Path, plan: DemoPlan, data: dict[str, Path]) -> dict:
     return {"sft": sft, "rm": rm, "dpo": dpo, "ppo": ppo, "eval": evaluation}
 
 
+def rm_top1_facts(rm_path: Path, max_operand: int = 9) -> int:
+    """For how many facts a+b the reward model scores the right sum above every other possible sum.
+    Pairwise accuracy can look high while this is low, and PPO climbs to the reward model's top answer."""
+    from keel.config import RewardConfig, RewardModelSource
+    from keel.reward.model import RewardModel
+
+    rm = RewardModel(RewardConfig(source=RewardModelSource(path=str(rm_path), batch_size=256)))
+    sums = [str(c) for c in range(2 * max_operand + 1)]
+    right = 0
+    for a in range(max_operand + 1):
+        for b in range(max_operand + 1):
+            scores = rm.score([f"{a}+{b}="] * len(sums), sums)
+            right += int(scores.argmax()) == a + b
+    return right
+
+
 def run_demo(out: Path, plan: DemoPlan, log=print) -> dict:
     """Run every stage into `out`; returns the summary (also written to out/summary.json)."""
     from keel.controller.actors import ROLE_ENV
     from keel.evaluation import evaluate, write_eval
     from keel.learner.dpo import DPOTrainer
-    from keel.learner.offline import run_offline
     from keel.learner.reward_model import RewardModelTrainer
     from keel.learner.sft import SFTTrainer
     from keel.models.tiny import make_tiny_model
@@ -203,11 +218,13 @@ def run_demo(out: Path, plan: DemoPlan, log=print) -> dict:
 
     wrong = f"{plan.sft_wrong_share:.0%}"
     t = stage("sft", f"{plan.sft_rows} demonstrations ({wrong} with a wrong sum), {plan.sft_epochs} epochs")
-    histories["sft"], _ = run_offline(SFTTrainer, cfgs["sft"], out / "sft", _quiet(log, "sft"))
+    histories["sft"] = _offline(SFTTrainer, cfgs["sft"], out / "sft", "sft", log)
     timings["sft"] = time.perf_counter() - t
 
     t = stage("rm", f"reward model from the SFT model, {plan.pair_rows} preference pairs, {plan.rm_epochs} epochs")
-    histories["rm"], _ = run_offline(RewardModelTrainer, cfgs["rm"], out / "rm", _quiet(log, "rm"))
+    histories["rm"] = _offline(RewardModelTrainer, cfgs["rm"], out / "rm", "rm", log)
+    top1 = rm_top1_facts(out / "rm")
+    log(f"  the right sum scores above every other sum for {top1} of 100 facts")
     timings["rm"] = time.perf_counter() - t
 
     t = stage("ppo", f"PPO from the SFT model against the reward model, {plan.ppo_steps} steps, {plan.backend} rollout")
@@ -215,7 +232,7 @@ def run_demo(out: Path, plan: DemoPlan, log=print) -> dict:
     timings["ppo"] = time.perf_counter() - t
 
     t = stage("dpo", f"DPO from the SFT model on the same pairs, {plan.dpo_epochs} epoch(s)")
-    histories["dpo"], _ = run_offline(DPOTrainer, cfgs["dpo"], out / "dpo", _quiet(log, "dpo"))
+    histories["dpo"] = _offline(DPOTrainer, cfgs["dpo"], out / "dpo", "dpo", log)
     timings["dpo"] = time.perf_counter() - t
 
     t = stage("eval", f"every stage on {plan.eval_prompts} held-out prompts, sampled at temperature 1 and greedily")
@@ -231,25 +248,47 @@ def run_demo(out: Path, plan: DemoPlan, log=print) -> dict:
     rm_acc = next(m["eval/rm/accuracy"] for m in reversed(histories["rm"]) if "eval/rm/accuracy" in m)
     rows = table_rows(sampled, greedy)
     plots = write_plots(out / "plots", histories)
-    summary = {"rows": rows, "rm_heldout_pair_accuracy": rm_acc, "timings_s": timings, "plan": plan.__dict__}
+    summary = {
+        "rows": rows,
+        "rm_heldout_pair_accuracy": rm_acc,
+        "rm_top1_facts": top1,
+        "timings_s": timings,
+        "plan": plan.__dict__,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log("\n" + format_table(rows, rm_acc, timings))
+    log("\n" + format_table(rows, rm_acc, top1, timings))
     log(f"\nplots: {', '.join(str(p) for p in plots)}")
     log(f"run directory: {out}")
     return summary
 
 
-def _quiet(log, kind: str):
-    """Print the data notes and the evaluations of an offline stage, not every step."""
+def _held_out(kind: str, m: dict) -> str:
+    shown = ", ".join(f"{k[len(kind) + 6 :]} {v:.3f}" for k, v in m.items() if k.startswith(f"eval/{kind}/"))
+    return f"  step {m['step']}: held out: {shown}"
+
+
+def _quiet(log, kind: str, every_s: float = 5.0):
+    """Print an offline stage's data notes, and its evaluations at most every `every_s` seconds."""
+    last = [0.0]
 
     def show(m: dict) -> None:
         if "note" in m:
             log(f"  data: {m['note']}")
-        elif any(k.startswith("eval/") for k in m):
-            shown = ", ".join(f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith(f"eval/{kind}/"))
-            log(f"  step {m['step']}: held out: {shown}")
+        elif any(k.startswith("eval/") for k in m) and time.perf_counter() - last[0] >= every_s:
+            last[0] = time.perf_counter()
+            log(_held_out(kind, m))
 
     return show
+
+
+def _offline(trainer_cls, cfg, out: Path, kind: str, log) -> list[dict]:
+    from keel.learner.offline import run_offline
+
+    history, _ = run_offline(trainer_cls, cfg, out, _quiet(log, kind))
+    evals = [m for m in history if any(k.startswith("eval/") for k in m)]
+    if evals:
+        log(_held_out(kind, evals[-1]) + " (final)")
+    return history
 
 
 def _run_ppo(cfg: RunConfig, run_dir: Path, log) -> list[dict]:
@@ -297,7 +336,7 @@ def table_rows(sampled: dict, greedy: dict) -> list[dict]:
     ]
 
 
-def format_table(rows: list[dict], rm_acc: float, timings: dict[str, float]) -> str:
+def format_table(rows: list[dict], rm_acc: float, top1: int, timings: dict[str, float]) -> str:
     lines = [
         "| stage | task accuracy (T=1) | greedy accuracy | RM reward | KL to SFT | win rate vs SFT |",
         "|---|---|---|---|---|---|",
@@ -307,7 +346,10 @@ def format_table(rows: list[dict], rm_acc: float, timings: dict[str, float]) -> 
             f"| {r['stage']} | {r['task_accuracy']:.3f} | {r['greedy_accuracy']:.3f} | {r['rm_reward']:+.2f} "
             f"| {r['kl_to_sft']:.3f} | {r['win_rate_vs_sft']:.3f} |"
         )
-    lines.append(f"\nreward model: {rm_acc:.3f} of held-out preference pairs ranked right")
+    lines.append(
+        f"\nreward model: {rm_acc:.3f} of held-out preference pairs ranked right; "
+        f"the right sum on top for {top1} of 100 facts"
+    )
     lines.append(
         "time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f" (total {sum(timings.values()):.0f}s)"
     )

@@ -22,7 +22,18 @@ def run(*args, cwd=ROOT):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("config", "make-tiny-model", "make-task-data", "train"):
+    for command in (
+        "config",
+        "make-tiny-model",
+        "make-task-data",
+        "train",
+        "sft",
+        "rm",
+        "dpo",
+        "eval",
+        "demo",
+        "serve",
+    ):
         assert command in out.stdout
 
 
