@@ -28,7 +28,10 @@ def ray_session():
 
     from keel.controller.actors import ROLE_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ROLE_ENV})
+    # "local": a Ray of its own even when a cluster runs on this machine (the job tests start one)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ROLE_ENV}
+    )
     yield
     ray.shutdown()
 

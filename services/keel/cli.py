@@ -338,6 +338,96 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from keel.config import ConfigError
+    from keel.controller import jobs
+
+    try:
+        job_id = jobs.submit(args.address, args.config, args.working_dir, args.runtime_env, args.run_dir)
+    except ConfigError as err:
+        for line in err.lines:
+            _err(f"config error: {err.source}: {line}")
+        return EXIT_BAD_INPUT
+    except jobs.JobError as err:
+        _err(str(err))
+        return EXIT_BAD_INPUT
+    print(f"submitted {job_id}", flush=True)
+    print(f"  keel status {job_id}   keel logs {job_id} --follow   keel stop {job_id}", flush=True)
+    if not args.follow:
+        return EXIT_OK
+    final = jobs.follow(args.address, job_id, sys.stdout)
+    print(f"job {job_id}: {final}")
+    return EXIT_OK if final == "SUCCEEDED" else EXIT_FAILED
+
+
+def _job_command(fn):
+    """Run a job query; a JobError is one line and exit 1."""
+    from keel.controller.jobs import JobError
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except JobError as err:
+            _err(str(err))
+            return EXIT_FAILED
+
+    return run
+
+
+@_job_command
+def cmd_status(args: argparse.Namespace) -> int:
+    from keel.controller import jobs
+
+    info = jobs.status(args.address, args.job)
+    print(f"{info['job']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    return EXIT_OK
+
+
+@_job_command
+def cmd_stop(args: argparse.Namespace) -> int:
+    from keel.controller import jobs
+
+    print(f"{args.job}: {jobs.stop(args.address, args.job, args.timeout)}")
+    return EXIT_OK
+
+
+@_job_command
+def cmd_logs(args: argparse.Namespace) -> int:
+    from keel.controller import jobs
+
+    if args.follow:
+        final = jobs.follow(args.address, args.job, sys.stdout)
+        print(f"job {args.job}: {final}")
+        return EXIT_OK
+    print(jobs.logs(args.address, args.job), end="")
+    return EXIT_OK
+
+
+@_job_command
+def cmd_scale(args: argparse.Namespace) -> int:
+    from keel.controller import jobs
+
+    if args.replicas < 1:
+        _err(f"scale: rollout replicas must be >= 1, got {args.replicas}")
+        return EXIT_BAD_INPUT
+    print(jobs.scale(args.address, args.job, args.replicas, args.timeout), end="")
+    return EXIT_OK
+
+
+def cmd_control_scale(args: argparse.Namespace) -> int:
+    """Inside the cluster (the control job that `keel scale` submits)."""
+    from keel.controller.control import send_scale
+
+    try:
+        state = send_scale(args.job, args.rollout, args.timeout)
+    except (LookupError, RuntimeError, TimeoutError, ValueError) as err:
+        _err(str(err))
+        return EXIT_FAILED
+    print(json.dumps(state))
+    print(f"job {args.job}: {state['rollout_replicas']} rollout workers (policy version {state['version']})")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -426,6 +516,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)"
     )
     train.set_defaults(func=cmd_train)
+
+    address_help = "Ray Jobs API address, http://HEAD:8265 (default: $RAY_ADDRESS)"
+    submit = sub.add_parser("submit", help="run `keel train` as a job on a Ray cluster (Ray Jobs API)")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--config", required=True, help="YAML run config (inside --working-dir when given)")
+    submit.add_argument("--working-dir", help="directory uploaded to the cluster (without .venv, runs/, .git)")
+    submit.add_argument("--runtime-env", help="YAML/JSON Ray runtime env merged in (env_vars, pip, excludes, ...)")
+    submit.add_argument("--run-dir", help="the run directory on the cluster (default runs/<name>-<time>)")
+    submit.add_argument(
+        "--follow", action="store_true", help="print the job's log until it ends; exit 1 unless it succeeded"
+    )
+    submit.set_defaults(func=cmd_submit)
+    for name, func, text in (
+        ("status", cmd_status, "a job's status"),
+        ("stop", cmd_stop, "stop a job and its actors"),
+        ("logs", cmd_logs, "a job's log"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job", help="job id (printed by keel submit)")
+        cmd.add_argument("--address", help=address_help)
+        if name == "stop":
+            cmd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")
+        if name == "logs":
+            cmd.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        cmd.set_defaults(func=func)
+    scale = sub.add_parser("scale", help="change a running job's rollout workers (between steps)")
+    scale.add_argument("role", choices=["rollout"], help="the role to scale")
+    scale.add_argument("replicas", type=int, help="rollout workers wanted")
+    scale.add_argument("--job", required=True, help="job id (printed by keel submit)")
+    scale.add_argument("--address", help=address_help)
+    scale.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job to apply it")
+    scale.set_defaults(func=cmd_scale)
+    control = sub.add_parser("_control")  # run inside the cluster by `keel scale`
+    control_sub = control.add_subparsers(dest="control_command", metavar="ACTION")
+    control_scale = control_sub.add_parser("scale")
+    control_scale.add_argument("--job", required=True)
+    control_scale.add_argument("--rollout", type=int, required=True)
+    control_scale.add_argument("--timeout", type=float, default=300.0)
+    control_scale.set_defaults(func=cmd_control_scale)
+    control.set_defaults(func=lambda _: _usage(control))
 
     serve = sub.add_parser("serve", help="run a role as a standalone gRPC server")
     serve.set_defaults(func=lambda _: _usage(serve))

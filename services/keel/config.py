@@ -136,6 +136,9 @@ class RolloutConfig(Section):
     resources: Resources = Field(default_factory=Resources, description="Per-worker resources.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend: vllm).")
+    threads: PositiveInt | None = Field(
+        None, description="CPU threads per worker (torch and OpenMP); unset = the library default."
+    )
 
 
 # --------------------------------------------------------------------------- reward
@@ -298,18 +301,48 @@ class AlgorithmConfig(Section):
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch before the update (gae).")
     ppo_epochs: PositiveInt = Field(1, description="Passes over each rollout batch.")
     mini_batch_size: PositiveInt = Field(16, description="Samples per optimizer step.")
+    off_policy: Literal["behaviour", "tis"] = Field(
+        "behaviour",
+        description="async: the PPO ratio against the sampler's log-probs (behaviour), or against the "
+        "learner's with a truncated importance weight min(pi_learner / pi_sampler, tis_cap) (tis).",
+    )
+    tis_cap: float = Field(2.0, gt=1.0, description="Upper bound of the truncated importance weight (tis).")
 
 
 # --------------------------------------------------------------------------- controller
+
+
+class AutoscaleConfig(Section):
+    """Rollout workers follow the time the learner waits for rollout."""
+
+    enabled: bool = Field(False, description="Scale rollout workers between steps by the rule below.")
+    min_replicas: PositiveInt = Field(1, description="Never fewer rollout workers than this.")
+    max_replicas: PositiveInt = Field(4, description="Never more rollout workers than this.")
+    target_wait_s: float = Field(
+        1.0,
+        gt=0.0,
+        description="Add a worker when the step waits longer than this for rollout; remove one "
+        "when it waits under a quarter of it.",
+    )
+    patience: PositiveInt = Field(3, description="Consecutive steps over (or under) the target before acting.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
 
 
 class ControllerConfig(Section):
     """The training loop."""
 
     mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: strictly on-policy; async: rollout overlaps learning."
+        "sync", description="sync: strictly on-policy; async: rollout of the next step overlaps learning."
     )
-    max_staleness: int = Field(0, ge=0, description="async: drop trajectories more than this many versions old.")
+    max_staleness: int = Field(
+        0, ge=0, description="async: trajectories more than this many versions behind the learner are dropped."
+    )
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="Rollout autoscaling.")
     steps: PositiveInt = Field(10, description="PPO steps (rollout + update) to run.")
     prompts_per_step: PositiveInt = Field(16, description="Prompts per step; each gets rollout.sampling.n samples.")
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Give up on a weight publish after this long.")
@@ -443,6 +476,21 @@ class RunConfig(Section):
             raise _FieldError("reference.enabled", f"algorithm.kl.coef is {algo.kl.coef} but the reference is disabled")
         if self.controller.mode == "sync" and self.controller.max_staleness != 0:
             raise _FieldError("controller.max_staleness", "sync mode is strictly on-policy: max_staleness must be 0")
+        if self.controller.mode == "async" and self.controller.max_staleness < 1:
+            raise _FieldError(
+                "controller.max_staleness", "async mode trains on the batch made during the last step: needs >= 1"
+            )
+        scale = self.controller.autoscale
+        if scale.enabled and not scale.min_replicas <= self.rollout.replicas <= scale.max_replicas:
+            raise _FieldError(
+                "rollout.replicas",
+                f"{self.rollout.replicas} is outside controller.autoscale [{scale.min_replicas}, {scale.max_replicas}]",
+            )
+        if scale.enabled and scale.max_replicas > self.controller.prompts_per_step:
+            raise _FieldError(
+                "controller.autoscale.max_replicas",
+                f"{scale.max_replicas} workers but only {self.controller.prompts_per_step} prompts per step",
+            )
         total = rollout_batch_size(self)
         if total % algo.mini_batch_size != 0:
             batch = f"{self.controller.prompts_per_step} prompts x {n} samples = {total}"

@@ -44,6 +44,7 @@ class Trajectories:
     old_logprobs: torch.Tensor | None = None  # (B, R) log pi_old(a_t), the learner's own forward pass
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
+    is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights (async, off_policy: tis)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +69,7 @@ class Trajectories:
             "old_logprobs": (B, R),
             "advantages": (B, R),
             "returns": (B, R),
+            "is_weights": (B, R),
         }
         for name, shape in expect.items():
             value = getattr(self, name)

@@ -4,28 +4,13 @@ errors that say what is wrong instead of hanging."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from keel.config import parse_config
+from integration.configs import demo_config
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _config(policy, prompts, **sections):
-    data = yaml.safe_load((ROOT / "deploy" / "configs" / "demo.yaml").read_text())
-    data["model"]["policy"], data["data"]["prompts"] = str(policy), str(prompts)
-    data["rollout"]["backend"] = "hf"
-    for dotted, value in sections.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return parse_config(data)
+_config = demo_config
 
 
 def test_two_rollout_workers_and_two_learner_ranks(demo_inputs, ray_session, tmp_path):

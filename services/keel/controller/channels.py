@@ -39,14 +39,30 @@ def grpc_token_env(cfg: RunConfig) -> dict[str, str]:
 # --------------------------------------------------------------------------- rollout
 
 
+@dataclass
+class InFlight:
+    """A rollout launched on the workers and not collected yet."""
+
+    prompts: list[Prompt]  # every prompt of the batch, in sampler order
+    chunks: list[list[Prompt]]  # the share of each worker
+    refs: list  # one ObjectRef per worker: its Trajectories, or (grpc) its rollout id
+
+
 class ObjectStoreRollout:
+    """`workers` is the controller's own list: workers added or removed by scaling are seen here."""
+
     def __init__(self, workers: list):
         self.workers = workers
 
-    def generate(self, chunks: list[list[Prompt]], seeds: list[int]) -> list[Trajectories]:
+    def launch(self, prompts: list[Prompt], seed: int) -> InFlight:
+        chunks = split(prompts, len(self.workers))
+        refs = [w.generate.remote(c, seed + i * 101) for i, (w, c) in enumerate(zip(self.workers, chunks, strict=True))]
+        return InFlight(prompts, chunks, refs)
+
+    def collect(self, flight: InFlight) -> list[Trajectories]:
         import ray
 
-        return ray.get([w.generate.remote(c, s) for w, c, s in zip(self.workers, chunks, seeds, strict=True)])
+        return ray.get(flight.refs)
 
     def advance(self, version: int) -> None:
         pass
@@ -66,14 +82,19 @@ class GrpcRollout:
         self.server = TrajectoryServer(self.inbox, grpc_cfg)
         self.timeout_s = grpc_cfg.deadline_s
 
-    def generate(self, chunks: list[list[Prompt]], seeds: list[int]) -> list[Trajectories]:
+    def launch(self, prompts: list[Prompt], seed: int) -> InFlight:
+        chunks = split(prompts, len(self.workers))
+        refs = [
+            w.generate_and_push.remote(c, seed + i * 101)
+            for i, (w, c) in enumerate(zip(self.workers, chunks, strict=True))
+        ]
+        return InFlight(prompts, chunks, refs)
+
+    def collect(self, flight: InFlight) -> list[Trajectories]:
         import ray
 
-        rollout_ids = ray.get(
-            [w.generate_and_push.remote(c, s) for w, c, s in zip(self.workers, chunks, seeds, strict=True)]
-        )
-        batches = self.inbox.take(rollout_ids, self.timeout_s)
-        return [with_prompts(b, c) for b, c in zip(batches, chunks, strict=True)]
+        batches = self.inbox.take(ray.get(flight.refs), self.timeout_s)
+        return [with_prompts(b, c) for b, c in zip(batches, flight.chunks, strict=True)]
 
     def advance(self, version: int) -> None:
         self.inbox.set_version(version)
@@ -81,6 +102,11 @@ class GrpcRollout:
     def metrics(self) -> dict[str, float]:
         s = self.inbox.stats
         return {"trajectories/duplicate": s.duplicate, "trajectories/stale": s.stale, "trajectories/ahead": s.ahead}
+
+
+def split(prompts: list[Prompt], workers: int) -> list[list[Prompt]]:
+    """Worker i gets prompts i, i + workers, ...: every prompt goes to exactly one worker."""
+    return [prompts[i::workers] for i in range(workers)]
 
 
 def with_prompts(traj: Trajectories, prompts: list[Prompt]) -> Trajectories:
@@ -127,13 +153,24 @@ class GrpcReward:
 
 
 class ObjectStoreWeights:
+    def __init__(self):
+        self.latest = None  # ObjectRef of the last published weights, kept for workers added later
+
     def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> dict[str, float]:
         import ray
 
         # every rank takes part (a collective under ZeRO-3); rank 0's copy goes to the store once
         exports = [lr.export_weights.remote() for lr in learners]
         ray.get([w.update_weights.remote(exports[0], version) for w in workers] + exports[1:], timeout=timeout_s)
+        self.latest = exports[0]
         return {}
+
+    def catch_up(self, worker, version: int, timeout_s: float) -> None:
+        """Bring a new worker to the current version before it gets prompts."""
+        import ray
+
+        if version > 0:
+            ray.get(worker.update_weights.remote(self.latest, version), timeout=timeout_s)
 
 
 class GrpcWeights:
@@ -143,6 +180,12 @@ class GrpcWeights:
         published = ray.get([lr.publish_weights.remote(version) for lr in learners], timeout=timeout_s)[0]
         ray.get([w.pull_weights.remote(version) for w in workers], timeout=timeout_s)
         return {"weight_sync/bytes": float(published["bytes"])}
+
+    def catch_up(self, worker, version: int, timeout_s: float) -> None:
+        import ray
+
+        if version > 0:  # the WeightService still holds the current version
+            ray.get(worker.pull_weights.remote(version), timeout=timeout_s)
 
 
 # --------------------------------------------------------------------------- all three
@@ -159,6 +202,13 @@ class Channels:
         self.reward.close()
         if isinstance(self.rollout, GrpcRollout):
             self.rollout.server.stop(0)
+
+    def connect(self, worker, grpc_cfg: GrpcConfig) -> None:
+        """Point a (new) worker at the job's WeightService and TrajectoryService, when they are on gRPC."""
+        import ray
+
+        if "weights" in self.addresses or "trajectories" in self.addresses:
+            ray.get(worker.connect.remote(grpc_cfg, self.addresses.get("weights"), self.addresses.get("trajectories")))
 
 
 def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -> Channels:
@@ -177,9 +227,6 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -
     if t.weights == "grpc":
         weights = GrpcWeights()
         addresses["weights"] = ray.get(learners[0].serve_weights.remote(grpc_cfg))
-    if "weights" in addresses or "trajectories" in addresses:
-        ray.get([w.connect.remote(grpc_cfg, addresses.get("weights"), addresses.get("trajectories")) for w in workers])
-
     reward = ActorReward(reward_actor)
     if t.reward == "grpc":
         from keel.reward.client import RewardClient
@@ -188,4 +235,7 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -
         client = RewardClient(grpc_cfg, addresses["reward"])
         client.wait_ready()
         reward = GrpcReward(client)
-    return Channels(rollout, reward, weights, addresses)
+    channels = Channels(rollout, reward, weights, addresses)
+    for w in workers:
+        channels.connect(w, grpc_cfg)
+    return channels

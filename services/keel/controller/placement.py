@@ -3,6 +3,7 @@ cluster cannot hold what the config asks for."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from keel.config import Resources
@@ -32,6 +33,17 @@ class RoleRequest:
 
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def _free(wanted: dict[str, float]) -> str:
+    """What the cluster has free of the resources a request names (0 when none is left), leaving
+    out Ray's internal ones (placement-group bundles, node ids, object store)."""
+    import ray
+
+    available = {k: float(v) for k, v in ray.available_resources().items()}
+    shown = {k: available.get(k, 0.0) for k in wanted}
+    shown |= {k: v for k, v in available.items() if k in ("CPU", "GPU")}
+    return _fmt({k: (v / 2**30 if k == "memory" else v) for k, v in shown.items()})
 
 
 def check_fits(requests: list[RoleRequest], cluster_total: dict[str, float]) -> None:
@@ -67,13 +79,14 @@ def place_roles(requests: list[RoleRequest], timeout_s: float) -> dict[str, obje
     groups: dict[str, object] = {}
     try:
         for req in requests:
-            pg = placement_group([req.bundle()] * req.replicas, strategy="PACK", name=f"keel-{req.role}")
+            # names are cluster-wide: two jobs, or two scale-ups, must not collide
+            name = f"keel-{req.role}-{uuid.uuid4().hex[:8]}"
+            pg = placement_group([req.bundle()] * req.replicas, strategy="PACK", name=name)
             groups[req.role] = pg
             if not pg.wait(timeout_seconds=timeout_s):
-                free = {k: float(v) for k, v in ray.available_resources().items()}
                 raise PlacementError(
                     f"cannot place role {req.role!r}: {req.replicas} x {{{_fmt(req.bundle())}}} not available "
-                    f"after {timeout_s:g}s; the cluster has free {_fmt(free)}"
+                    f"after {timeout_s:g}s; the cluster has free {_free(req.bundle())} (memory in GiB)"
                 )
     except BaseException:
         for pg in groups.values():
@@ -89,3 +102,19 @@ def in_group(pg, index: int) -> dict:
     return {
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
     }
+
+
+def rendezvous(pg, index: int) -> tuple[str, int]:
+    """(node IP, free port) on the node holding bundle `index` of `pg`: where rank 0 of a process
+    group listens, so ranks on other nodes can reach it. Asked by a zero-CPU task in that bundle."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def probe() -> tuple[str, int]:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    return ray.get(probe.options(**in_group(pg, index)).remote())

@@ -86,6 +86,7 @@ class PromptSampler:
         self.epoch = 0
         self.cursor = 0
         self._order = self._make_order()
+        self._returned: list[Prompt] = []
 
     def _make_order(self) -> list[int]:
         order = list(range(len(self.prompts)))
@@ -94,12 +95,25 @@ class PromptSampler:
         return order
 
     def next_batch(self) -> list[Prompt]:
-        if self.cursor + self.batch_size > len(self._order):
+        if self._returned:  # prompts handed back come first, so none is skipped within the epoch
+            batch = self._returned[: self.batch_size]
+            self._returned = self._returned[self.batch_size :]
+            return batch + self._take(self.batch_size - len(batch))
+        return self._take(self.batch_size)
+
+    def give_back(self, prompts: list[Prompt]) -> None:
+        """Prompts whose samples were thrown away (a stale async batch): they are handed out again next."""
+        self._returned = list(prompts) + self._returned
+
+    def _take(self, count: int) -> list[Prompt]:
+        if count == 0:
+            return []
+        if self.cursor + count > len(self._order):
             self.epoch += 1
             self.cursor = 0
             self._order = self._make_order()
-        batch = [self.prompts[i] for i in self._order[self.cursor : self.cursor + self.batch_size]]
-        self.cursor += self.batch_size
+        batch = [self.prompts[i] for i in self._order[self.cursor : self.cursor + count]]
+        self.cursor += count
         return batch
 
     def state(self) -> dict:

@@ -224,6 +224,7 @@ class Learner:
             clip_high=a.clip_high,
             dual_clip=a.dual_clip,
             agg=a.loss_agg,
+            is_weights=mb.is_weights.to(self.device) if mb.is_weights is not None else None,
         )
         if a.kl.placement == "loss" and a.kl.coef > 0 and mb.ref_logprobs is not None:
             kl, kl_metrics = kl_loss(

@@ -41,6 +41,8 @@ class RolloutWorker:
     ):
         self.worker_id = worker_id
         self.sampling = rollout.sampling
+        if rollout.threads:
+            torch.set_num_threads(rollout.threads)
         self.tokenizer = load_tokenizer(model.tokenizer or model.policy)
         self.generator = make_generator(model, rollout, self.tokenizer, max_model_len, seed)
         self.weight_version = 0

@@ -67,3 +67,15 @@ def test_sampler_covers_each_prompt_once_per_epoch_and_resumes():
     assert [p.prompt_id for p in s2.next_batch()] == nxt
     with pytest.raises(DataError, match="prompts_per_step is 11 but the prompt set has only 10"):
         PromptSampler(prompts, batch_size=11, seed=0)
+
+
+def test_prompts_handed_back_come_next_and_none_is_lost():
+    prompts = [Prompt(str(i), str(i), (i,)) for i in range(12)]
+    sampler = PromptSampler(prompts, batch_size=4, seed=0)
+    first = sampler.next_batch()
+    second = sampler.next_batch()
+    sampler.give_back(second)  # its samples were thrown away
+    again = sampler.next_batch()
+    assert again == second
+    rest = sampler.next_batch()
+    assert sorted(p.prompt_id for p in first + again + rest) == sorted(p.prompt_id for p in prompts)

@@ -1,0 +1,107 @@
+"""The rollout workers of a run, whose number can change while it trains.
+
+The pool starts `rollout.replicas` workers in the role's placement group. `scale(n)` runs between
+steps, when no rollout is in flight. A new worker takes a free bundle of that group, or a
+placement group of its own (the usual clear error when the cluster cannot hold it). It is
+connected to the job's gRPC endpoints and loaded with the current weights before the controller
+gives it prompts. A removed worker has no prompts: prompts are split across workers when a
+rollout is launched, after scaling. Adding is all-or-nothing: if one new worker cannot be placed
+or loaded, the ones already started are stopped and the pool stays as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keel.config import RunConfig, max_model_len, sampling_seed
+from keel.controller.actors import remote
+from keel.controller.placement import RoleRequest, in_group, place_roles
+
+
+@dataclass
+class Slot:
+    group: object  # placement group
+    index: int  # bundle index in it
+    owned: bool  # a group made for this one worker (removed with it)
+
+
+class RolloutPool:
+    def __init__(self, cfg: RunConfig, group, env: dict[str, str]):
+        self.cfg = cfg
+        self.workers: list = []  # the list the channels read: changed in place
+        self._slots: list[Slot] = []
+        self._group = group
+        self._free = list(range(cfg.rollout.replicas - 1, -1, -1))  # free bundles of the role's group (stack)
+        self._env = env
+        self._next_id = 0
+
+    def start(self) -> list[dict]:
+        """Start `rollout.replicas` workers; returns their `ready()` reports."""
+        import ray
+
+        for _ in range(self.cfg.rollout.replicas):
+            slot = Slot(self._group, self._free.pop(), owned=False)
+            self.workers.append(self._new_worker(slot))
+            self._slots.append(slot)
+        return ray.get([w.ready.remote() for w in self.workers])
+
+    def _new_worker(self, slot: Slot):
+        from keel.rollout.worker import RolloutWorker
+
+        cfg = self.cfg
+        worker_id = f"rollout-{self._next_id}"
+        self._next_id += 1
+        actor = remote(RolloutWorker, cfg.rollout.resources, self._env, in_group(slot.group, slot.index))
+        return actor.remote(cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), worker_id)
+
+    def _take_slot(self, target: int) -> Slot:
+        if self._free:
+            return Slot(self._group, self._free.pop(), owned=False)
+        request = RoleRequest(
+            f"rollout (scaling {len(self.workers)} -> {target} workers)", 1, self.cfg.rollout.resources
+        )
+        group = place_roles([request], self.cfg.controller.placement_timeout_s)[request.role]
+        return Slot(group, 0, owned=True)
+
+    def _release(self, slot: Slot) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if slot.owned:
+            remove_placement_group(slot.group)
+        else:
+            self._free.append(slot.index)
+
+    def scale(self, n: int, channels, version: int) -> None:
+        """Grow or shrink to `n` workers; new ones connected and at weight `version` before they return."""
+        import ray
+
+        if not 1 <= n <= self.cfg.controller.prompts_per_step:
+            raise ValueError(f"rollout workers must be in [1, {self.cfg.controller.prompts_per_step}], got {n}")
+        added: list[tuple[object, Slot]] = []
+        try:
+            while len(self.workers) + len(added) < n:
+                slot = self._take_slot(n)
+                added.append((self._new_worker(slot), slot))
+            grpc_cfg, timeout = self.cfg.transport.grpc, self.cfg.controller.weight_sync_timeout_s
+            for worker, _ in added:
+                ray.get(worker.ready.remote())
+                channels.connect(worker, grpc_cfg)
+                channels.weights.catch_up(worker, version, timeout)
+        except BaseException:
+            for worker, slot in added:
+                ray.kill(worker)
+                self._release(slot)
+            raise
+        for worker, slot in added:
+            self.workers.append(worker)
+            self._slots.append(slot)
+        while len(self.workers) > n:
+            ray.kill(self.workers.pop())
+            self._release(self._slots.pop())
+
+    def shutdown(self) -> None:
+        import ray
+
+        while self.workers:
+            ray.kill(self.workers.pop())
+            self._release(self._slots.pop())
