@@ -93,3 +93,26 @@ def test_autoscaling_adds_workers_while_rollout_is_slow(demo_inputs, ray_session
     finally:
         controller.shutdown()
     assert workers == [1.0, 2.0, 2.0]
+
+
+def test_async_drops_a_too_stale_batch_and_trains_its_prompts_fresh(demo_inputs, ray_session, tmp_path):
+    """The learner moves two versions past a batch in flight (max_staleness 1): the batch is dropped,
+    counted, and its prompts are generated again by the current weights and trained at once."""
+    from keel.controller.loop import Controller
+
+    policy, _ = demo_inputs
+    extra = {"controller.steps": 3, "controller.mode": "async", "controller.max_staleness": 1}
+    cfg = demo_config(policy, _prompts(tmp_path), **SMALL, **extra)
+    controller = Controller(cfg, tmp_path / "run", log=lambda *_: None)
+    controller.start()
+    try:
+        controller.step()  # trains batch 0 (v0); the batch for step 2 is now generating with v0
+        in_flight = [p.prompt_id for p in controller._inflight.prompts]
+        # one more version published outside the loop: the in-flight batch (v0) is now 2 behind v2
+        controller.channels.weights.publish(controller.learners, controller.rollout, 2, 120)
+        controller.version = 2
+        metrics = controller.step()
+    finally:
+        controller.shutdown()
+    assert metrics["rollout/stale_dropped"] == 1.0 and metrics["weight_version"] == 2
+    assert controller.prompt_log[1] == in_flight  # the same prompts, made again by v2, none lost
