@@ -15,25 +15,17 @@ from keel.config import GrpcConfig
 from keel.reward.model import RewardError, Scorer, fill_defaults
 from keel.transport.pb import reward_pb2, reward_pb2_grpc
 from keel.transport.retry import Unavailable, call_with_retries
-from keel.transport.security import call_metadata, make_channel
+from keel.transport.security import GrpcClient
 
 
 class RewardUnavailable(Unavailable):
     """The reward server could not be reached within the retry budget."""
 
 
-class RewardClient(Scorer):
+class RewardClient(GrpcClient, Scorer):
     def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1):
-        self.cfg = cfg
-        self.address = address
-        self.base_delay_s = base_delay_s
+        super().__init__(cfg, address, reward_pb2_grpc.RewardServiceStub, base_delay_s)
         self.scorer: str | None = None  # what the server says produced the scores
-        self._channel = make_channel(cfg, address)
-        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
-        self._metadata = call_metadata(cfg)
-
-    def close(self) -> None:
-        self._channel.close()
 
     def wait_ready(self) -> None:
         """Block until the server answers a health check (retrying like a call); raises RewardUnavailable."""

@@ -201,3 +201,31 @@ def call_metadata(cfg: GrpcConfig) -> tuple[tuple[str, str], ...]:
     """Metadata to send on every call: the bearer token when auth is on."""
     token = load_token(cfg)
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class GrpcClient:
+    """What every Keel client holds: its settings, the peer's address, a channel with the size limits
+    and TLS of `cfg`, a stub, and the bearer-token metadata sent on every call."""
+
+    def __init__(self, cfg: GrpcConfig, address: str, stub_cls, base_delay_s: float = 0.1):
+        self.cfg = cfg
+        self.address = address
+        self.base_delay_s = base_delay_s  # first retry backoff (transport.retry)
+        self._channel = make_channel(cfg, address)
+        self._stub = stub_cls(self._channel)
+        self._metadata = call_metadata(cfg)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def serve(cfg: GrpcConfig, port: int, add_servicer) -> tuple[grpc.Server, int, str]:
+    """A started sync server with auth/TLS/limits, grpc health, and `add_servicer(server)` applied;
+    returns (server, bound port, the address other processes dial)."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server, bound = make_server(cfg, port)
+    add_servicer(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.start()
+    return server, bound, advertised_address(cfg, bound)

@@ -24,7 +24,7 @@ from keel.trajectory import Trajectories
 from keel.transport.codec import DecodeError, trajectories_from_proto, trajectories_to_proto
 from keel.transport.pb import trajectory_pb2, trajectory_pb2_grpc
 from keel.transport.retry import Unavailable, call_with_retries
-from keel.transport.security import call_metadata, make_channel
+from keel.transport.security import GrpcClient, serve
 
 DUPLICATE = "duplicate"
 
@@ -150,35 +150,24 @@ class TrajectoryServer:
     """A TrajectoryService (with health) over an inbox, served from this process."""
 
     def __init__(self, inbox: TrajectoryInbox, cfg: GrpcConfig):
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from keel.transport.security import advertised_address, make_server
-
         self.inbox = inbox
-        self._server, self.port = make_server(cfg, cfg.trajectory_port)
-        trajectory_pb2_grpc.add_TrajectoryServiceServicer_to_server(TrajectoryServicer(inbox), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self._server)
-        self._server.start()
-        self.address = advertised_address(cfg, self.port)
+        servicer = TrajectoryServicer(inbox)
+        self._server, self.port, self.address = serve(
+            cfg,
+            cfg.trajectory_port,
+            lambda server: trajectory_pb2_grpc.add_TrajectoryServiceServicer_to_server(servicer, server),
+        )
 
     def stop(self, grace_s: float | None = None) -> None:
         self._server.stop(grace_s)
 
 
-class TrajectoryPusher:
+class TrajectoryPusher(GrpcClient):
     """Pushes batches to a TrajectoryService; retries what was not acknowledged on UNAVAILABLE."""
 
     def __init__(self, cfg: GrpcConfig, address: str, worker_id: str = "", base_delay_s: float = 0.1):
-        self.cfg = cfg
-        self.address = address
+        super().__init__(cfg, address, trajectory_pb2_grpc.TrajectoryServiceStub, base_delay_s)
         self.worker_id = worker_id
-        self.base_delay_s = base_delay_s
-        self._channel = make_channel(cfg, address)
-        self._stub = trajectory_pb2_grpc.TrajectoryServiceStub(self._channel)
-        self._metadata = call_metadata(cfg)
-
-    def close(self) -> None:
-        self._channel.close()
 
     def push(self, batches: list[Trajectories]) -> list[trajectory_pb2.PushAck]:
         """Push every batch; returns one ack per batch, in order. Raises Unavailable after the budget."""

@@ -21,6 +21,7 @@ import torch
 from keel.config import GrpcConfig
 from keel.transport.codec import PROTO_TO_TORCH, TORCH_TO_PROTO, DecodeError, tensor_bytes, tensor_from_bytes
 from keel.transport.pb import weights_pb2, weights_pb2_grpc
+from keel.transport.security import GrpcClient
 
 CHECKSUM = "sha256"
 
@@ -236,16 +237,13 @@ class WeightPublisher:
     """The learner's side: a WeightStore served by a WeightService (with health) from this process."""
 
     def __init__(self, cfg: GrpcConfig):
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from keel.transport.security import advertised_address, make_server
+        from keel.transport.security import serve
 
         self.store = WeightStore(keep=cfg.weight_versions_kept, chunk_bytes=int(cfg.weight_chunk_mb * 2**20))
-        self._server, self.port = make_server(cfg, cfg.weight_port)
-        weights_pb2_grpc.add_WeightServiceServicer_to_server(WeightServicer(self.store), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), self._server)
-        self._server.start()
-        self.address = advertised_address(cfg, self.port)
+        servicer = WeightServicer(self.store)
+        self._server, self.port, self.address = serve(
+            cfg, cfg.weight_port, lambda server: weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
+        )
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> weights_pb2.Manifest:
         return self.store.publish(version, state)
@@ -254,18 +252,11 @@ class WeightPublisher:
         self._server.stop(grace_s)
 
 
-class WeightClient:
+class WeightClient(GrpcClient):
     """The rollout side: fetches versions from a WeightService with deadlines and retries."""
 
     def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1):
-        from keel.transport.security import call_metadata, make_channel
-
-        self.cfg = cfg
-        self.address = address
-        self.base_delay_s = base_delay_s
-        self._channel = make_channel(cfg, address)
-        self._stub = weights_pb2_grpc.WeightServiceStub(self._channel)
-        self._metadata = call_metadata(cfg)
+        super().__init__(cfg, address, weights_pb2_grpc.WeightServiceStub, base_delay_s)
 
     def fetch(self, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, tensors), every check passed; WeightFetchError otherwise (nothing to apply)."""
@@ -278,6 +269,3 @@ class WeightClient:
             self.base_delay_s,
             WeightServiceUnavailable,
         )
-
-    def close(self) -> None:
-        self._channel.close()
