@@ -232,6 +232,15 @@ def preflight(cfg) -> list[str]:
     for field, path in (("model.policy", cfg.model.policy), ("data.prompts", cfg.data.prompts)):
         if not Path(path).exists():
             problems.append(f"{field}: {path} does not exist")
+    if cfg.data.eval_prompts and not Path(cfg.data.eval_prompts).exists():
+        problems.append(f"data.eval_prompts: {cfg.data.eval_prompts} does not exist")
+    if cfg.data.eval_task_metric:
+        from keel.reward.model import RewardError, import_function
+
+        try:
+            import_function(cfg.data.eval_task_metric, "data.eval_task_metric")
+        except RewardError as err:
+            problems.append(str(err))
     if cfg.reference.model and not Path(cfg.reference.model).exists():
         problems.append(f"reference.model: {cfg.reference.model} does not exist")
     grpc_cfg = cfg.transport.grpc
@@ -278,6 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=cfg.logging.level == "DEBUG")
     from keel.controller.placement import PlacementError
+    from keel.data.rows import DataError
 
     controller = Controller(cfg, run_dir)
     try:
@@ -286,6 +296,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _err(str(err))
         controller.shutdown()
         return EXIT_FAILED
+    except DataError as err:  # a bad prompt or held-out prompt file: read before any actor starts
+        _err(f"data error: {err}")
+        controller.shutdown()
+        return EXIT_BAD_INPUT
 
     def line(m: dict) -> None:
         if cfg.logging.console != "none" and m["step"] % cfg.logging.log_every == 0:

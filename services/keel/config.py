@@ -18,9 +18,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keel.algo.advantages import CRITIC_ESTIMATORS, GROUP_ESTIMATORS
-from keel.algo.kl import KL_ESTIMATORS
-from keel.algo.masked import LOSS_AGGREGATIONS
+# The algorithm names, written out here so that loading a config imports no torch (`keel config
+# validate` is instant). tests/unit/test_config.py checks they equal keel.algo's registries.
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})  # need n >= 2 per prompt
+CRITIC_ESTIMATORS = frozenset({"gae"})  # train a value model
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 class Section(BaseModel):
@@ -86,7 +90,17 @@ class DataConfig(Section):
     metadata_fields: list[str] = Field(
         default_factory=list, description="Extra fields passed to the reward (e.g. the reference answer)."
     )
-    eval_prompts: str | None = Field(None, description="Held-out prompts in the same format, for evaluation.")
+    eval_prompts: str | None = Field(
+        None,
+        description="Held-out prompts in the same format (and fields) as `prompts`, read and checked before "
+        "training starts. `keel train` evaluates the policy on them every logging.eval_every steps and after "
+        "the last step: one sample per prompt, sampled as rollout.sampling says (n aside), with a fixed seed.",
+    )
+    eval_task_metric: str | None = Field(
+        None,
+        description='Per-sample 0/1 metric "module:function" with the reward signature (e.g. '
+        '"keel.reward.rules:arithmetic_exact"), reported as eval/task_metric; needs eval_prompts.',
+    )
     overlong_prompts: Literal["truncate", "drop", "error"] = Field(
         "drop", description="What to do with a prompt longer than model.max_prompt_tokens (the count is reported)."
     )
@@ -94,6 +108,13 @@ class DataConfig(Section):
     apply_chat_template: bool = Field(
         False, description="Wrap prompts in the tokenizer's chat template when it has one."
     )
+
+    @field_validator("eval_task_metric")
+    @classmethod
+    def _metric_ref(cls, v: str | None) -> str | None:
+        if v is not None and not _FUNCTION_REF.match(v):
+            raise ValueError(f'must look like "package.module:function", got {v!r}')
+        return v
 
 
 # --------------------------------------------------------------------------- rollout
@@ -180,7 +201,11 @@ class RewardConfig(Section):
     source: Annotated[RewardModelSource | RewardFunctionSource, Field(discriminator="type")] = Field(
         description="What produces the score: {type: model, path: ...} or {type: function, function: 'mod:fn'}."
     )
-    replicas: PositiveInt = Field(1, description="Reward workers.")
+    replicas: PositiveInt = Field(
+        1,
+        description="Reward actors sharing each batch: it is cut into contiguous shards, one per actor, scored "
+        "concurrently and joined in order. Must be 1 with an external transport.grpc.reward_address.",
+    )
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip]; unset = no clipping.")
     normalize: bool = Field(False, description="Whiten scores over each batch before advantages.")
@@ -194,7 +219,10 @@ class ReferenceConfig(Section):
 
     enabled: bool = Field(True, description="Compute reference log-probs (needed whenever algorithm.kl.coef > 0).")
     model: str | None = Field(None, description="Reference checkpoint; defaults to the initial policy.")
-    replicas: PositiveInt = Field(1, description="Reference workers.")
+    replicas: PositiveInt = Field(
+        1,
+        description="Reference actors sharing each batch: contiguous shards, scored concurrently, joined in order.",
+    )
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
     micro_batch_size: PositiveInt = Field(8, description="Sequences per forward pass.")
 
@@ -268,18 +296,37 @@ class KLConfig(Section):
     """The KL term to the reference policy."""
 
     coef: float = Field(0.05, ge=0.0, description="beta: weight of the KL term; 0 disables it.")
-    estimator: Literal["k1", "k2", "k3"] = Field("k1", description=f"Per-token estimator ({', '.join(KL_ESTIMATORS)}).")
+    estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None,
+        description=f"Per-token estimator ({', '.join(KL_ESTIMATORS)}); unset = k1 with placement reward, k3 with "
+        "placement loss. k1 with placement loss is refused: its expected gradient is zero.",
+    )
     placement: Literal["reward", "loss"] = Field(
         "reward", description="reward: -beta*KL added to token rewards (PPO); loss: +beta*KL in the loss (GRPO)."
     )
-    target: float | None = Field(None, gt=0.0, description="Adaptive KL: target per-sequence KL; unset = fixed coef.")
+    target: float | None = Field(
+        None,
+        gt=0.0,
+        description="Adaptive KL: target per-sequence KL; the coefficient (in the reward or in the loss, per "
+        "placement) follows it from coef. Unset = fixed coef.",
+    )
     horizon: PositiveInt = Field(10000, description="Adaptive KL horizon in samples.")
+
+    @model_validator(mode="after")
+    def _k1_not_in_loss(self) -> KLConfig:
+        if self.estimator == "k1" and self.placement == "loss":
+            raise _FieldError(
+                "algorithm.kl.estimator",
+                "k1 with placement loss has zero expected gradient (E[grad log pi] = 0), so the KL term "
+                "would do nothing: use k3 (or k2), or placement reward",
+            )
+        return self
 
 
 class AlgorithmConfig(Section):
     """The policy-gradient estimator and its losses."""
 
-    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+    estimator: Literal[ESTIMATORS] = Field(
         "gae", description="Advantage estimator: gae needs a critic; the rest are critic-free."
     )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount per token.")
@@ -295,12 +342,19 @@ class AlgorithmConfig(Section):
     value_clip: float | None = Field(0.2, gt=0.0, description="Value clipping range; unset = unclipped value loss.")
     value_coef: float = Field(0.5, ge=0.0, description="Weight of the value loss (gae only).")
     entropy_coef: float = Field(0.0, ge=0.0, description="Weight of the entropy bonus.")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description=f"How per-token losses reduce to a scalar ({', '.join(LOSS_AGGREGATIONS)})."
+    loss_agg: Literal[LOSS_AGGREGATIONS] = Field(
+        "token-mean",
+        description="How per-token losses reduce to a scalar, over the whole mini-batch however it is split: "
+        "token-mean (every token weighs the same), seq-mean-token-mean (every sequence), seq-mean-token-sum, "
+        "seq-mean-token-sum-norm (Dr. GRPO: token sums / rollout.sampling.max_new_tokens)."
     )
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch before the update (gae).")
     ppo_epochs: PositiveInt = Field(1, description="Passes over each rollout batch.")
-    mini_batch_size: PositiveInt = Field(16, description="Samples per optimizer step.")
+    mini_batch_size: PositiveInt = Field(
+        16,
+        description="Samples per optimizer step, over all learner ranks: a multiple of learner.micro_batch_size "
+        "x learner.replicas.",
+    )
     off_policy: Literal["behaviour", "tis"] = Field(
         "behaviour",
         description="async: the PPO ratio against the sampler's log-probs (behaviour), or against the "
@@ -424,10 +478,10 @@ class TransportConfig(Section):
 class CheckpointConfig(Section):
     """What is saved and when."""
 
-    every_steps: int = Field(0, ge=0, description="Save every this many steps; 0 = only at the end.")
-    keep_last: PositiveInt = Field(2, description="Checkpoints kept on disk (older ones are deleted).")
-    save_hf: bool = Field(True, description="Also write an HF-format policy (save_pretrained + tokenizer).")
-    resume: bool = Field(True, description="Resume from the newest checkpoint in the run directory when there is one.")
+    every_steps: int = Field(
+        0, ge=0, description="Export the policy (HF format) every this many steps; 0 = only at the end."
+    )
+    keep_last: PositiveInt = Field(2, description="Periodic exports kept on disk (older ones are deleted).")
 
 
 class LoggingConfig(Section):
@@ -437,6 +491,13 @@ class LoggingConfig(Section):
     console: Literal["rich", "plain", "none"] = Field("plain", description="Per-step console output.")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_every: PositiveInt = Field(1, description="Print a console line every this many steps.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="With data.eval_prompts: evaluate on them after every this many steps, and after the last "
+        "step; 0 = after the last step only. One metrics.jsonl line per evaluation: step (the policy version, "
+        "= steps done), eval/reward_mean, eval/kl, eval/response_length, eval/task_metric.",
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -497,16 +558,45 @@ class RunConfig(Section):
             raise _FieldError(
                 "algorithm.mini_batch_size", f"{algo.mini_batch_size} must divide the rollout batch ({batch})"
             )
-        if algo.mini_batch_size % self.learner.micro_batch_size != 0:
+        micro, ranks = self.learner.micro_batch_size, self.learner.replicas
+        if algo.mini_batch_size % (micro * ranks) != 0:
             raise _FieldError(
-                "learner.micro_batch_size",
-                f"{self.learner.micro_batch_size} must divide algorithm.mini_batch_size ({algo.mini_batch_size})",
+                "algorithm.mini_batch_size",
+                f"{algo.mini_batch_size} must split into equal shares of whole micro-batches on every rank: a "
+                f"multiple of learner.micro_batch_size x learner.replicas ({micro} x {ranks} = {micro * ranks})",
+            )
+        sampling = self.rollout.sampling
+        if self.controller.mode == "async" and (sampling.top_p < 1.0 or sampling.top_k > 0):
+            raise _FieldError(
+                "rollout.sampling.top_p" if sampling.top_p < 1.0 else "rollout.sampling.top_k",
+                "async mode takes the PPO ratio against the sampler's log-probs, and with top_p < 1 or top_k > 0 "
+                "those are of the truncated distribution, not the policy's: use top_p 1 and top_k 0, or sync mode",
             )
         if self.controller.prompts_per_step < self.rollout.replicas:
             raise _FieldError(
                 "rollout.replicas",
                 f"{self.rollout.replicas} workers but only {self.controller.prompts_per_step} prompts per step",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_and_heldout(self) -> RunConfig:
+        """Role replicas and held-out evaluation: fields that only mean something together."""
+        if self.transport.grpc.reward_address is not None and self.reward.replicas > 1:
+            raise _FieldError(
+                "reward.replicas",
+                f"{self.reward.replicas} reward actors, but transport.grpc.reward_address names an external "
+                "server that scores every batch (scale that server instead): must be 1",
+            )
+        if self.data.eval_prompts is None:
+            if self.logging.eval_every:
+                raise _FieldError(
+                    "logging.eval_every", f"{self.logging.eval_every}, but there is no data.eval_prompts to evaluate on"
+                )
+            if self.data.eval_task_metric is not None:
+                raise _FieldError(
+                    "data.eval_task_metric", "is set, but there is no data.eval_prompts to evaluate it on"
+                )
         return self
 
 
@@ -699,6 +789,13 @@ def rollout_batch_size(cfg: RunConfig) -> int:
 def uses_critic(cfg: RunConfig) -> bool:
     """Whether the estimator trains a value model."""
     return cfg.algorithm.estimator in CRITIC_ESTIMATORS
+
+
+def kl_estimator(kl: KLConfig) -> str:
+    """The KL estimator in use: the configured one, or k1 in the reward and k3 in the loss."""
+    if kl.estimator is not None:
+        return kl.estimator
+    return "k1" if kl.placement == "reward" else "k3"
 
 
 def reference_path(cfg: RunConfig) -> str:

@@ -260,3 +260,20 @@ def test_a_bad_row_is_a_data_error_naming_file_and_row(demo_inputs, tmp_path):
     assert out.returncode == 2
     assert f"keel: data error: {data}:2: missing field 'response'" in out.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_train_refuses_a_missing_held_out_file_or_metric_before_starting(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "x").write_text("")
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        BASE.replace("function: 'a:b'", "function: 'keel.reward.rules:arithmetic'").replace(
+            "{prompts: x}", "{prompts: x, eval_prompts: gone.jsonl, eval_task_metric: 'no_mod:exact'}"
+        )
+    )
+    out = run("train", "--config", str(path), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == f"keel: config error: {path}: data.eval_prompts: gone.jsonl does not exist"
+    assert lines[1].startswith(f"keel: config error: {path}: data.eval_task_metric: cannot import module 'no_mod'")
+    assert not (tmp_path / "run").exists()

@@ -149,7 +149,48 @@ def test_bad_field_is_named(overrides, expected):
             {"algorithm.mini_batch_size": 5},
             "algorithm.mini_batch_size: 5 must divide the rollout batch (16 prompts x 1 samples = 16)",
         ),
-        ({"learner.micro_batch_size": 3}, "learner.micro_batch_size: 3 must divide algorithm.mini_batch_size (16)"),
+        (
+            {"learner.micro_batch_size": 3},
+            "algorithm.mini_batch_size: 16 must split into equal shares of whole micro-batches on every rank: a "
+            "multiple of learner.micro_batch_size x learner.replicas (3 x 1 = 3)",
+        ),
+        (  # validated before, then drifted: 16 samples on 3 ranks
+            {"learner.replicas": 3, "learner.micro_batch_size": 1},
+            "algorithm.mini_batch_size: 16 must split into equal shares of whole micro-batches on every rank: a "
+            "multiple of learner.micro_batch_size x learner.replicas (1 x 3 = 3)",
+        ),
+        (  # 6 samples on 4 ranks: an IndexError on the last rank before
+            {
+                "learner.replicas": 4,
+                "learner.micro_batch_size": 1,
+                "algorithm.mini_batch_size": 6,
+                "controller.prompts_per_step": 6,
+            },
+            "algorithm.mini_batch_size: 6 must split into equal shares of whole micro-batches on every rank: a "
+            "multiple of learner.micro_batch_size x learner.replicas (1 x 4 = 4)",
+        ),
+        ({"learner.replicas": 2, "learner.micro_batch_size": 4, "algorithm.mini_batch_size": 8}, None),
+        (
+            {"algorithm.kl": {"estimator": "k1", "placement": "loss"}},
+            "algorithm.kl.estimator: k1 with placement loss has zero expected gradient (E[grad log pi] = 0), so the "
+            "KL term would do nothing: use k3 (or k2), or placement reward",
+        ),
+        ({"algorithm.kl": {"estimator": "k2", "placement": "loss"}}, None),
+        (
+            {"controller.mode": "async", "controller.max_staleness": 1, "rollout.sampling.top_p": 0.9},
+            "rollout.sampling.top_p: async mode takes the PPO ratio against the sampler's log-probs, and with "
+            "top_p < 1 or top_k > 0 those are of the truncated distribution, not the policy's: use top_p 1 and "
+            "top_k 0, or sync mode",
+        ),
+        (
+            {"controller.mode": "async", "controller.max_staleness": 1, "rollout.sampling.top_k": 20},
+            "rollout.sampling.top_k: async mode takes the PPO ratio against the sampler's log-probs, and with "
+            "top_p < 1 or top_k > 0 those are of the truncated distribution, not the policy's: use top_p 1 and "
+            "top_k 0, or sync mode",
+        ),
+        ({"rollout.sampling.top_p": 0.9, "rollout.sampling.top_k": 20}, None),  # sync recomputes pi_old
+        ({"checkpoint.resume": True}, "checkpoint.resume: unknown key"),  # nothing resumes yet: no such field
+        ({"checkpoint.save_hf": False}, "checkpoint.save_hf: unknown key"),
         ({"rollout.replicas": 32}, "rollout.replicas: 32 workers but only 16 prompts per step"),
         (
             {"transport.grpc.reward_address": "rm.keel.svc:50051"},
@@ -164,6 +205,46 @@ def test_cross_field_rules_name_the_field(overrides, expected):
         parse_config(data)
         return
     assert _errors(data) == [expected]
+
+
+def test_kl_estimator_follows_the_placement():
+    from keel.config import kl_estimator
+
+    assert kl_estimator(parse_config(_with()).algorithm.kl) == "k1"
+    assert kl_estimator(parse_config(_with(**{"algorithm.kl": {"placement": "loss"}})).algorithm.kl) == "k3"
+    cfg = parse_config(_with(**{"algorithm.kl": {"placement": "loss", "estimator": "k2"}}))
+    assert kl_estimator(cfg.algorithm.kl) == "k2"
+
+
+def test_literal_lists_equal_the_algo_registries():
+    """config.py spells the names out (so it imports no torch); they must be the registries'."""
+    from keel import config
+    from keel.algo.advantages import CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS
+    from keel.algo.kl import KL_ESTIMATORS
+    from keel.algo.masked import LOSS_AGGREGATIONS
+
+    assert config.ESTIMATORS == tuple(ESTIMATORS)
+    assert config.GROUP_ESTIMATORS == GROUP_ESTIMATORS and config.CRITIC_ESTIMATORS == CRITIC_ESTIMATORS
+    assert config.KL_ESTIMATORS == KL_ESTIMATORS and config.LOSS_AGGREGATIONS == LOSS_AGGREGATIONS
+    schema = config_schema()["$defs"]
+    assert tuple(schema["AlgorithmConfig"]["properties"]["estimator"]["enum"]) == tuple(ESTIMATORS)
+    assert tuple(schema["AlgorithmConfig"]["properties"]["loss_agg"]["enum"]) == LOSS_AGGREGATIONS
+
+
+def test_config_validate_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from keel.cli import main\n"
+        f"rc = main(['config', 'validate', {str(EXAMPLES[0])!r}])\n"
+        "assert rc == 0, rc\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_several_problems_are_all_reported():
@@ -205,3 +286,44 @@ def test_schema_documents_every_field():
             if "description" not in spec:
                 undocumented.append(f"{name}.{field}")
     assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            {
+                "reward.replicas": 2,
+                "transport.reward": "grpc",
+                "transport.grpc.reward_address": "rm.keel.svc:50051",
+            },
+            "reward.replicas: 2 reward actors, but transport.grpc.reward_address names an external server that "
+            "scores every batch (scale that server instead): must be 1",
+        ),
+        ({"logging.eval_every": 2}, "logging.eval_every: 2, but there is no data.eval_prompts to evaluate on"),
+        (
+            {"data.eval_task_metric": "keel.reward.rules:arithmetic_exact"},
+            "data.eval_task_metric: is set, but there is no data.eval_prompts to evaluate it on",
+        ),
+        ({"data.eval_task_metric": "exact"}, 'data.eval_task_metric: must look like "package.module:function"'),
+        ({"logging.eval_every": -1}, "logging.eval_every: Input should be greater than or equal to 0"),
+        (
+            {
+                "data.eval_prompts": "eval.jsonl",
+                "data.eval_task_metric": "keel.reward.rules:arithmetic_exact",
+                "logging.eval_every": 5,
+                "reward.replicas": 2,
+                "reference.replicas": 3,
+                "transport.reward": "grpc",
+            },
+            None,
+        ),
+    ],
+)
+def test_replicas_and_held_out_evaluation_rules(overrides, expected):
+    data = _with(**overrides)
+    if expected is None:
+        parse_config(data)
+        return
+    lines = _errors(data)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines

@@ -15,7 +15,15 @@ from keel.algo.advantages import (
 from keel.algo.gae import compute_gae, discounted_returns
 from keel.algo.kl import adaptive_kl_coef, kl_estimate, kl_loss, kl_reward_penalty, token_rewards
 from keel.algo.logprobs import entropy_from_logits, gather_logprobs, sequence_logprobs
-from keel.algo.masked import aggregate_loss, masked_mean, masked_sum, masked_var, masked_whiten
+from keel.algo.masked import (
+    Aggregation,
+    aggregate_loss,
+    loss_units,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 from keel.algo.ppo import entropy_loss, explained_variance, policy_loss, value_loss
 from keel.algo.preference import bradley_terry_loss, dpo_loss
 
@@ -24,6 +32,7 @@ __all__ = [
     "ESTIMATORS",
     "GROUP_ESTIMATORS",
     "AdvantageInputs",
+    "Aggregation",
     "adaptive_kl_coef",
     "aggregate_loss",
     "bradley_terry_loss",
@@ -38,6 +47,7 @@ __all__ = [
     "kl_estimate",
     "kl_loss",
     "kl_reward_penalty",
+    "loss_units",
     "masked_mean",
     "masked_sum",
     "masked_var",

@@ -2,9 +2,10 @@
 REINFORCE++ and its baseline variant), behind one small registry.
 
 Every estimator takes the same `AdvantageInputs` and returns (advantages, returns), both
-(B, T) and 0 on masked positions. Outcome estimators broadcast one value per sequence over
-its valid tokens; `returns` is what a critic would regress to (for critic-free estimators it
-is reported, not trained on).
+(B, T) and 0 on masked positions. Group estimators (GRPO, Dr. GRPO, RLOO) normalise the scores
+within each group, broadcast the result over the sample's valid tokens, and only then add the
+KL penalty's return-to-go; `returns` is what a critic would regress to (for critic-free
+estimators it is reported, not trained on).
 """
 
 from __future__ import annotations
@@ -51,10 +52,20 @@ def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_seq.unsqueeze(-1) * mask.to(per_seq.dtype)
 
 
-def _outcome(inputs: AdvantageInputs) -> torch.Tensor:
-    """Sequence return: score plus the summed per-token KL penalty when KL is in the reward."""
-    rewards = token_rewards(inputs.scores, inputs.mask, inputs.kl_penalty)
-    return rewards.sum(-1)
+def _with_kl(per_seq: torch.Tensor, inputs: AdvantageInputs, gamma: float) -> torch.Tensor:
+    """(B,) group-normalised score -> (B, T) advantage: the score on every valid token plus the
+    return-to-go of the per-token KL penalty, sum_{j>=t} gamma^(j-t) kl_penalty(j) (OpenRLHF's
+    rule). The KL is added after the group normalisation, never inside it: standardising scores
+    that tie would otherwise turn a 1e-3 KL difference into advantages of +-1."""
+    adv = _broadcast(per_seq, inputs.mask)
+    if inputs.kl_penalty is not None:
+        adv = adv + discounted_returns(inputs.kl_penalty * inputs.mask, inputs.mask, gamma)
+    return adv
+
+
+def _returns(inputs: AdvantageInputs, gamma: float) -> torch.Tensor:
+    """(B, T) what a critic would regress to: score on the last token plus the KL penalty, discounted."""
+    return discounted_returns(token_rewards(inputs.scores, inputs.mask, inputs.kl_penalty), inputs.mask, gamma)
 
 
 def _require_groups(inputs: AdvantageInputs, name: str) -> torch.Tensor:
@@ -75,41 +86,42 @@ def gae_advantages(inputs: AdvantageInputs, gamma: float = 1.0, lam: float = 0.9
 def grpo_advantages(
     inputs: AdvantageInputs, gamma: float = 1.0, lam: float = 1.0, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO (Shao et al. 2024): A_i = (R_i - mean_g R) / (std_g R + eps) on every token of sample i.
+    """GRPO (Shao et al. 2024): A_i(t) = (s_i - mean_g s) / (std_g s + eps) + KL_i(t).
 
-    g is the group of samples for one prompt; std is unbiased. A group of one gets A = 0.
-    gamma and lam are unused (outcome reward).
+    g is the group of samples for one prompt; std is unbiased; s are the scores alone. KL_i(t) is
+    the return-to-go of the KL penalty when KL is in the reward (see `_with_kl`). A group of one
+    gets a score term of 0. lam is unused (outcome reward); gamma discounts the KL term only.
     """
-    R = _outcome(inputs)
-    mean, std, size = group_mean_std(R, _require_groups(inputs, "grpo"))
-    adv = torch.where(size > 1, (R - mean) / (std + eps), torch.zeros_like(R))
-    return _broadcast(adv, inputs.mask), _broadcast(R, inputs.mask)
+    s = inputs.scores
+    mean, std, size = group_mean_std(s, _require_groups(inputs, "grpo"))
+    adv = torch.where(size > 1, (s - mean) / (std + eps), torch.zeros_like(s))
+    return _with_kl(adv, inputs, gamma), _returns(inputs, gamma)
 
 
 def dr_grpo_advantages(
     inputs: AdvantageInputs, gamma: float = 1.0, lam: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dr. GRPO (Liu et al. 2025): A_i = R_i - mean_g R, no division by the group std (which
-    over-weights near-solved prompts). Pair it with the `seq-mean-token-sum-norm` loss
+    """Dr. GRPO (Liu et al. 2025): A_i(t) = s_i - mean_g s + KL_i(t), no division by the group std
+    (which over-weights near-solved prompts). Pair it with the `seq-mean-token-sum-norm` loss
     aggregation, which removes GRPO's per-sequence length normalisation."""
-    R = _outcome(inputs)
-    mean, _, size = group_mean_std(R, _require_groups(inputs, "dr_grpo"))
-    adv = torch.where(size > 1, R - mean, torch.zeros_like(R))
-    return _broadcast(adv, inputs.mask), _broadcast(R, inputs.mask)
+    s = inputs.scores
+    mean, _, size = group_mean_std(s, _require_groups(inputs, "dr_grpo"))
+    adv = torch.where(size > 1, s - mean, torch.zeros_like(s))
+    return _with_kl(adv, inputs, gamma), _returns(inputs, gamma)
 
 
 def rloo_advantages(inputs: AdvantageInputs, gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (Ahmadian et al. 2024): leave-one-out baseline within each group of n samples,
 
-        A_i = R_i - 1/(n-1) sum_{j != i} R_j = n/(n-1) (R_i - mean_g R).
+        A_i(t) = s_i - 1/(n-1) sum_{j != i} s_j + KL_i(t) = n/(n-1) (s_i - mean_g s) + KL_i(t).
 
-    A group of one gets A = 0.
+    A group of one gets a score term of 0.
     """
-    R = _outcome(inputs)
-    mean, _, size = group_mean_std(R, _require_groups(inputs, "rloo"))
-    n = size.to(R.dtype)
-    adv = torch.where(size > 1, n / (n - 1).clamp(min=1.0) * (R - mean), torch.zeros_like(R))
-    return _broadcast(adv, inputs.mask), _broadcast(R, inputs.mask)
+    s = inputs.scores
+    mean, _, size = group_mean_std(s, _require_groups(inputs, "rloo"))
+    n = size.to(s.dtype)
+    adv = torch.where(size > 1, n / (n - 1).clamp(min=1.0) * (s - mean), torch.zeros_like(s))
+    return _with_kl(adv, inputs, gamma), _returns(inputs, gamma)
 
 
 def reinforce_pp_advantages(

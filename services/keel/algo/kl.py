@@ -16,30 +16,35 @@ from __future__ import annotations
 
 import torch
 
-from keel.algo.masked import aggregate_loss, masked_mean
+from keel.algo.masked import Aggregation, as_aggregation, masked_mean
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
+# Tail bounds, as in verl and OpenRLHF: one token whose reference probability collapsed must not
+# turn a reward into -inf or a gradient into 1e10. Past a bound the estimate is constant, so its
+# gradient is 0 there.
+LOG_RATIO_BOUND = 20.0  # |log pi - log pi_ref| is clamped to this before any estimator
+KL_BOUND = 10.0  # each per-token estimate is clamped to [-KL_BOUND, KL_BOUND]
 
-def kl_estimate(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", clamp: float | None = None
-) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate; (B, T) in, (B, T) out.
 
-    `clamp` bounds log_ratio to [-clamp, clamp] before k3's exponential (a single token whose
-    reference probability collapsed would otherwise give inf).
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate, bounded; (B, T) in, (B, T) out.
+
+        x = clamp(log pi - log pi_ref, -20, 20),   k = clamp(k_est(x), -10, 10)
+
+    Gradient flows through `logprobs` wherever neither bound is active.
     """
-    log_ratio = logprobs - ref_logprobs
-    if clamp is not None:
-        log_ratio = log_ratio.clamp(-clamp, clamp)
+    log_ratio = (logprobs - ref_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio.square()
-    if estimator == "k3":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio.square()
+    elif estimator == "k3":
         # r = pi_ref / pi = exp(-log_ratio); k3 = r - 1 - log r = exp(-x) - 1 + x
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+    return kl.clamp(-KL_BOUND, KL_BOUND)
 
 
 def kl_reward_penalty(
@@ -47,7 +52,8 @@ def kl_reward_penalty(
 ) -> torch.Tensor:
     """Per-token reward term -coef * k(t) on valid tokens, 0 elsewhere; (B, T), no gradient.
 
-    Add it to the token rewards before advantage estimation.
+    Add it to the token rewards before advantage estimation (for group estimators, after the
+    group normalisation of the scores: see `keel.algo.advantages`).
     """
     with torch.no_grad():
         kl = kl_estimate(logprobs, ref_logprobs, estimator)
@@ -80,15 +86,16 @@ def kl_loss(
     mask: torch.Tensor,
     coef: float,
     estimator: str = "k3",
-    agg: str = "token-mean",
-    clamp: float | None = 10.0,
+    agg: str | Aggregation = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL as a loss term: coef * agg_t k(t), gradient flowing through `logprobs`. (B, T) in.
 
-    Returns (loss, metrics) with `kl/loss` and `kl/mean` (the per-token mean estimate).
+    k1 has zero expected gradient here (E_pi[grad log pi] = 0): use k3 or k2 (the config refuses
+    k1 with placement loss). Returns (loss, metrics) with `kl/loss` and `kl/mean` (the per-token
+    mean estimate).
     """
-    kl = kl_estimate(logprobs, ref_logprobs.detach(), estimator, clamp=clamp)
-    loss = coef * aggregate_loss(kl, mask, agg)
+    kl = kl_estimate(logprobs, ref_logprobs.detach(), estimator)
+    loss = coef * as_aggregation(agg)(kl, mask)
     return loss, {"kl/loss": loss.item(), "kl/mean": masked_mean(kl.detach(), mask).item()}
 
 

@@ -20,9 +20,12 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy H = logsumexp(z) - sum_k softmax(z)_k z_k of each position; (B, T, V) -> (B, T)."""
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy H = logsumexp(z) - sum_k softmax(z)_k z_k of each position, z = logits / temperature
+    (the sampler's distribution, as in `gather_logprobs`); (B, T, V) -> (B, T)."""
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 

@@ -7,6 +7,8 @@ the only place where masking rules are written down; everything else calls them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -58,24 +60,76 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask
 
 
-def aggregate_loss(
-    loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: int | None = None
-) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a scalar.
+@dataclass(frozen=True)
+class Aggregation:
+    """How a (B, T) per-token loss becomes a scalar: the mode, Dr. GRPO's constant length, and
+    the divisor.
 
-    token-mean               sum_bt l m / sum_bt m            (every token weighs the same; PPO/DAPO)
-    seq-mean-token-mean      mean_b [ sum_t l m / sum_t m ]   (every sequence weighs the same; GRPO paper)
-    seq-mean-token-sum       mean_b [ sum_t l m ]
-    seq-mean-token-sum-norm  mean_b [ sum_t l m ] / L          (Dr. GRPO: L a constant, default T)
+    A mini-batch is often split into micro-batches and data-parallel ranks. For the update to be
+    the same however it is split, each piece's loss must be its *sum* over loss units divided by
+    the units of the whole mini-batch (`units`, computed once with `loss_units` on the whole
+    mini-batch's mask), never a mean over the piece. With `units` unset the piece is the whole
+    batch.
+    """
+
+    mode: str = "token-mean"
+    norm_len: int | None = None  # L of seq-mean-token-sum-norm: rollout.sampling.max_new_tokens
+    units: float | None = None  # the global divisor; None = this batch's own loss_units
+
+    def __call__(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return aggregate_loss(loss, mask, self.mode, self.norm_len, self.units)
+
+
+def as_aggregation(agg: str | Aggregation) -> Aggregation:
+    return agg if isinstance(agg, Aggregation) else Aggregation(agg)
+
+
+def loss_units(mask: torch.Tensor, mode: str = "token-mean") -> float:
+    """The divisor of `mode` over a (B, T) mask: what the loss is a mean of.
+
+    token-mean               valid tokens                         sum_bt m
+    seq-mean-token-mean      sequences with at least one token    sum_b [sum_t m > 0]
+    seq-mean-token-sum(-norm) sequences                           B
+    """
+    if mode == "token-mean":
+        return float(mask.sum().item())
+    if mode == "seq-mean-token-mean":
+        return float((mask.sum(-1) > 0).sum().item())
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        return float(mask.shape[0])
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregate_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    norm_len: int | None = None,
+    units: float | None = None,
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar: sum over the batch's units / `units`.
+
+    token-mean               sum_bt l m / N_tok                        (every token weighs the same; PPO/DAPO)
+    seq-mean-token-mean      sum_b [ sum_t l m / sum_t m ] / N_seq>0   (every sequence weighs the same; GRPO)
+    seq-mean-token-sum       sum_b [ sum_t l m ] / B
+    seq-mean-token-sum-norm  sum_b [ sum_t l m ] / (B L)               (Dr. GRPO: L a constant, never the
+                                                                        padded width, so padding is inert)
+
+    `units` replaces the divisor (N_tok, N_seq>0 or B) with the whole mini-batch's, when `loss` is
+    one micro-batch or rank's share of it (see `Aggregation`). A batch with no units gives 0.
     """
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
-        return masked_mean(loss, mask)
-    if mode == "seq-mean-token-mean":
-        return masked_mean(loss, mask, dim=-1).mean()
-    if mode == "seq-mean-token-sum":
-        return masked_sum(loss, mask, dim=-1).mean()
-    if mode == "seq-mean-token-sum-norm":
-        length = norm_len if norm_len is not None else loss.shape[-1]
-        return masked_sum(loss, mask, dim=-1).mean() / length
-    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+        total = masked_sum(loss, mask)
+    elif mode == "seq-mean-token-mean":
+        total = (masked_sum(loss, mask, dim=-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    elif mode == "seq-mean-token-sum":
+        total = masked_sum(loss, mask, dim=-1).sum()
+    elif mode == "seq-mean-token-sum-norm":
+        if norm_len is None:
+            raise ValueError("seq-mean-token-sum-norm needs norm_len, a constant (rollout.sampling.max_new_tokens)")
+        total = masked_sum(loss, mask, dim=-1).sum() / norm_len
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    divisor = loss_units(mask, mode) if units is None else units
+    return total / max(divisor, 1.0)

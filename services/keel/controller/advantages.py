@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from keel.algo import AdvantageInputs, compute_advantages, kl_estimate, kl_reward_penalty, masked_mean, masked_whiten
-from keel.config import AlgorithmConfig
+from keel.config import AlgorithmConfig, kl_estimator
 from keel.trajectory import Trajectories
 
 
@@ -20,7 +20,7 @@ def add_advantages(
         scores = (scores - scores.mean()) / (scores.std() + 1e-6)
     kl_penalty = None
     if algo.kl.placement == "reward" and kl_coef > 0 and traj.ref_logprobs is not None:
-        kl_penalty = kl_reward_penalty(traj.old_logprobs, traj.ref_logprobs, mask, kl_coef, algo.kl.estimator)
+        kl_penalty = kl_reward_penalty(traj.old_logprobs, traj.ref_logprobs, mask, kl_coef, kl_estimator(algo.kl))
     inputs = AdvantageInputs(
         scores=scores, mask=mask, kl_penalty=kl_penalty, values=traj.values, group_index=traj.group_index
     )

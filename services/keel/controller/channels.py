@@ -3,8 +3,10 @@
 - rollout: prompts out to the workers, `Trajectories` back. objectstore: the actor call's
   return value. grpc: each worker pushes its batch to the controller's TrajectoryService
   (deduped by rollout id, stale versions refused) and the call returns only the rollout id.
-- reward: scores for a batch. objectstore: the reward actor, on the batch's object ref. grpc:
-  a `RewardClient` to the job's reward-server actor or to an external `keel serve reward`.
+- reward: scores for a batch. objectstore: the reward actors, on the batch's object ref. grpc:
+  a `RewardClient` to each of the job's reward-server actors, or one to an external `keel serve
+  reward`. With `reward.replicas` actors the batch is cut into contiguous shards, one per actor,
+  scored concurrently and joined in order (`keel.controller.replicas`).
 - weights: the learner's new policy to every rollout worker. objectstore: one object fetched by
   every worker. grpc: the learner publishes the version on its WeightService; every worker
   fetches it in checksummed chunks and applies it all-or-nothing.
@@ -15,10 +17,11 @@ The choice is made once, in `open_channels`; `Controller.step` reads the same ei
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keel.config import GrpcConfig, RunConfig
+from keel.controller.replicas import Joined, on_shards, shard
 from keel.data.prompts import Prompt
 from keel.trajectory import Trajectories
 
@@ -124,29 +127,34 @@ def with_prompts(traj: Trajectories, prompts: list[Prompt]) -> Trajectories:
 
 
 class ActorReward:
-    def __init__(self, actor):
-        self.actor = actor
+    """The reward actors (RewardModel), each scoring its shard of the batch."""
 
-    def submit(self, traj: Trajectories, traj_ref) -> Future:
-        return self.actor.score_trajectories.remote(traj_ref).future()
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def submit(self, traj: Trajectories, traj_ref) -> Joined:
+        return on_shards(self.actors, traj, traj_ref, lambda actor, part: actor.score_trajectories.remote(part))
 
     def close(self) -> None:
         pass
 
 
 class GrpcReward:
-    """Scores through a RewardClient on a thread, so scoring overlaps the reference and learner calls."""
+    """Scores through RewardClients (one per reward server), each on its own thread, so scoring
+    overlaps the reference and learner calls and the servers score their shards concurrently."""
 
-    def __init__(self, client):
-        self.client = client
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-client")
+    def __init__(self, clients: list):
+        self.clients = clients
+        self._pool = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="reward-client")
 
-    def submit(self, traj: Trajectories, traj_ref) -> Future:
-        return self._pool.submit(self.client.score_trajectories, traj)
+    def submit(self, traj: Trajectories, traj_ref) -> Joined:
+        parts = shard(traj, len(self.clients))
+        return Joined([self._pool.submit(c.score_trajectories, p) for c, p in zip(self.clients, parts, strict=False)])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 # --------------------------------------------------------------------------- weights
@@ -211,8 +219,9 @@ class Channels:
             ray.get(worker.connect.remote(grpc_cfg, self.addresses.get("weights"), self.addresses.get("trajectories")))
 
 
-def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -> Channels:
-    """Start the gRPC endpoints the config asks for and connect the workers to them."""
+def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actors: list) -> Channels:
+    """Start the gRPC endpoints the config asks for and connect the workers to them. `reward_actors`
+    are the job's reward actors (none with an external reward server)."""
     import ray
 
     t, grpc_cfg = cfg.transport, cfg.transport.grpc
@@ -227,14 +236,17 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actor) -
     if t.weights == "grpc":
         weights = GrpcWeights()
         addresses["weights"] = ray.get(learners[0].serve_weights.remote(grpc_cfg))
-    reward = ActorReward(reward_actor)
+    reward = ActorReward(reward_actors)
     if t.reward == "grpc":
         from keel.reward.client import RewardClient
 
-        addresses["reward"] = grpc_cfg.reward_address or ray.get(reward_actor.address.remote())
-        client = RewardClient(grpc_cfg, addresses["reward"])
-        client.wait_ready()
-        reward = GrpcReward(client)
+        external = [grpc_cfg.reward_address] if grpc_cfg.reward_address else []
+        servers = external or ray.get([a.address.remote() for a in reward_actors])
+        addresses["reward"] = ", ".join(servers)
+        clients = [RewardClient(grpc_cfg, address) for address in servers]
+        for client in clients:
+            client.wait_ready()
+        reward = GrpcReward(clients)
     channels = Channels(rollout, reward, weights, addresses)
     for w in workers:
         channels.connect(w, grpc_cfg)

@@ -11,7 +11,10 @@ behind). The PPO ratio is taken against the sampler's log-probs, or against the 
 a truncated importance weight (algorithm.off_policy).
 
 Between steps the controller applies scaling: requests that `keel scale` leaves with the job's
-control actor, or the autoscaling rule. Trajectories, rewards and weights each travel over the
+control actor, or the autoscaling rule. After every logging.eval_every steps (and the last one) it
+evaluates the policy on data.eval_prompts (`keel.controller.heldout`). With reward.replicas or
+reference.replicas above 1, those actors share each batch in contiguous shards
+(`keel.controller.replicas`). Trajectories, rewards and weights each travel over the
 Ray object store or gRPC, as the `transport` section says (`keel.controller.channels`); the step
 reads the same either way.
 """
@@ -30,7 +33,6 @@ from keel.algo import adaptive_kl_coef
 from keel.config import (
     RunConfig,
     dump_config,
-    reference_path,
     rollout_batch_size,
     sampling_seed,
     tokenizer_path,
@@ -39,7 +41,9 @@ from keel.config import (
 from keel.controller.actors import remote
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
 from keel.controller.channels import Channels, InFlight, grpc_token_env, open_channels
-from keel.controller.placement import PlacementError, RoleRequest, in_group, place_roles, rendezvous
+from keel.controller.heldout import HeldOut, format_eval
+from keel.controller.placement import PlacementError, in_group, place_roles, rendezvous, role_requests
+from keel.controller.replicas import ReferencePool, start_references, start_rewards
 from keel.controller.rollout_pool import RolloutPool
 from keel.controller.scaling import Autoscaler
 from keel.trajectory import Trajectories
@@ -106,7 +110,10 @@ class Controller:
         self.history: list[dict] = []
         self.groups: dict = {}
         self.pool: RolloutPool | None = None
-        self.learners, self.reward, self.reference = [], None, None
+        self.learners: list = []
+        self.rewards: list = []  # reward actors, sharing each batch (none when an external server scores)
+        self.reference: ReferencePool | None = None  # reference actors, sharing each batch
+        self.heldout: HeldOut | None = None  # data.eval_prompts, when set
         self.channels: Channels | None = None
         self.control = None  # the job's control actor (keel scale)
         self.job_id = os.environ.get("KEEL_JOB_ID") or f"local-{uuid.uuid4().hex[:8]}"
@@ -126,15 +133,12 @@ class Controller:
     # ------------------------------------------------------------------ setup
 
     def start(self) -> None:
-        """Load prompts, then start every role actor and wait until all are ready."""
+        """Load prompts (and held-out prompts), then start every role actor and wait until all are ready."""
         import ray
 
         from keel.data.prompts import PromptSampler, load_prompts
         from keel.learner.learner import Learner, LearnerPlan
         from keel.models.loading import load_tokenizer
-        from keel.reference.model import ReferenceModel
-        from keel.reward.model import RewardModel
-        from keel.reward.server import RewardServerRole
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,36 +152,29 @@ class Controller:
             limit = cfg.model.max_prompt_tokens
             self.log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {limit} tokens)")
         self.sampler = PromptSampler(prompts.prompts, cfg.controller.prompts_per_step, cfg.seed, cfg.data.shuffle)
+        largest_batch = rollout_batch_size(cfg)
+        if cfg.data.eval_prompts:  # read and checked now: a bad file stops the run before any actor starts
+            held = load_prompts(cfg.data, tokenizer, cfg.model.max_prompt_tokens, path=cfg.data.eval_prompts)
+            if held.truncated or held.dropped:
+                self.log(f"eval prompts: {held.truncated} truncated, {held.dropped} dropped")
+            self.heldout = HeldOut.from_config(cfg, held.prompts)
+            largest_batch = max(largest_batch, len(held.prompts))
 
         grpc_env = grpc_token_env(cfg)
-        external_reward = cfg.transport.grpc.reward_address is not None
-        requests = [
-            RoleRequest("rollout", cfg.rollout.replicas, cfg.rollout.resources),
-            RoleRequest("learner", cfg.learner.replicas, cfg.learner.resources),
-        ]
-        if not external_reward:
-            requests.append(RoleRequest("reward", 1, cfg.reward.resources))
-        if cfg.reference.enabled:
-            requests.append(RoleRequest("reference", 1, cfg.reference.resources))
-        self.groups = place_roles(requests, cfg.controller.placement_timeout_s)
+        self.groups = place_roles(role_requests(cfg), cfg.controller.placement_timeout_s)
 
         rollout_env = {**grpc_env, **thread_env(cfg.rollout.threads)}
         self.pool = RolloutPool(cfg, self.groups["rollout"], rollout_env)
-        self.reward = None
-        if not external_reward:
-            placement = in_group(self.groups["reward"], 0)
-            if cfg.transport.reward == "grpc":  # the reward core behind a RewardService in its own actor
-                self.reward = remote(RewardServerRole, cfg.reward.resources, grpc_env, placement).remote(
-                    cfg.reward, cfg.transport.grpc, rollout_batch_size(cfg)
-                )
-            else:
-                self.reward = remote(RewardModel, cfg.reward.resources, placement=placement).remote(cfg.reward)
-        self.reference = None
+        self.rewards = start_rewards(cfg, self.groups.get("reward"), grpc_env, largest_batch)
         if cfg.reference.enabled:
-            self.reference = remote(
-                ReferenceModel, cfg.reference.resources, placement=in_group(self.groups["reference"], 0)
-            ).remote(reference_path(cfg), cfg.model.dtype, cfg.reference.micro_batch_size, logprob_temperature(cfg))
-        plan = LearnerPlan(logprob_temperature(cfg), uses_critic(cfg), optimizer_steps_total(cfg), cfg.seed)
+            self.reference = start_references(cfg, self.groups["reference"], logprob_temperature(cfg))
+        plan = LearnerPlan(
+            logprob_temperature(cfg),
+            uses_critic(cfg),
+            optimizer_steps_total(cfg),
+            cfg.seed,
+            norm_len=cfg.rollout.sampling.max_new_tokens,
+        )
         world = cfg.learner.replicas
         master_addr, port = rendezvous(self.groups["learner"], 0)  # rank 0's node, reachable from the others
         self.learners = []
@@ -193,9 +190,9 @@ class Controller:
             actor = remote(Learner, cfg.learner.resources, {**dist_env, **grpc_env}, placement)
             self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
         ready = self.pool.start()
-        others = [*self.learners, self.reward, self.reference]
-        ray.get([a.__ray_ready__.remote() for a in others if a is not None])
-        self.channels = open_channels(cfg, self.rollout, self.learners, self.reward)
+        others = [*self.learners, *self.rewards, *(self.reference.actors if self.reference else [])]
+        ray.get([a.__ray_ready__.remote() for a in others])
+        self.channels = open_channels(cfg, self.rollout, self.learners, self.rewards)
         self.log(f"ready: {len(ready)} rollout worker(s) [{ready[0]['backend']}], {world} learner rank(s)")
         for channel, address in self.channels.addresses.items():
             self.log(f"{channel} over gRPC: {address}")
@@ -218,12 +215,12 @@ class Controller:
         # 2. score: reward, reference and the learner's own forward pass, concurrently on one ref
         traj_ref = ray.put(traj)
         scores = self.channels.reward.submit(traj, traj_ref)
-        ref_ref = self.reference.logprobs.remote(traj_ref) if self.reference is not None else None
+        ref = self.reference.submit(traj, traj_ref) if self.reference is not None else None
         old_refs = [lr.old_logprobs_and_values.remote(traj_ref) for lr in self.learners]
         old, values = ray.get(old_refs)[0]
         traj = traj.with_fields(
             scores=scores.result(),
-            ref_logprobs=ray.get(ref_ref) if ref_ref else None,
+            ref_logprobs=ref.result() if ref else None,
             old_logprobs=old,
             values=values,
         )
@@ -234,9 +231,10 @@ class Controller:
         traj = add_advantages(off_policy(traj, cfg) if self._async else traj, algo, self.kl_coef, cfg.reward.normalize)
         timer.lap("advantages")
 
-        # 4. learner update on every rank
+        # 4. learner update on every rank (metrics come reduced over ranks; the KL coefficient is the
+        #    adaptive controller's, used in the loss when kl.placement is loss)
         update_ref = ray.put(traj)
-        learn_metrics = ray.get([lr.update.remote(update_ref) for lr in self.learners])[0]
+        learn_metrics = ray.get([lr.update.remote(update_ref, self.kl_coef) for lr in self.learners])[0]
         timer.lap("update")
 
         # 5. publish weights v+1 to every rollout worker; each applies it all-or-nothing
@@ -372,11 +370,26 @@ class Controller:
             **{f"time/{k}": v for k, v in timer.phases.items()},
             **learn,
         }
+        self._record(m)
+        return m
+
+    def _record(self, m: dict) -> None:
+        """One metrics.jsonl line (NaN written as null), and an entry of `history`."""
         self.metrics_file.write(
             json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}) + "\n"
         )
         self.metrics_file.flush()
         self.history.append(m)
+
+    def evaluate(self) -> dict:
+        """Held-out evaluation of the current policy (`keel.controller.heldout`); its metrics line
+        (`step` = steps done = the weight version evaluated) goes to metrics.jsonl and `history`."""
+        m = {
+            "step": self.version,
+            **self.heldout.run(self.rollout, self.channels.reward, self.reference, self.learners, self.pad_token_id),
+        }
+        self._record(m)
+        self.log(format_eval(m))
         return m
 
     def _adapt_kl(self, observed: float) -> None:
@@ -398,6 +411,8 @@ class Controller:
             metrics = self.step()
             if on_step:
                 on_step(metrics)
+            if self.heldout is not None and self.heldout.due(self.version):
+                self.evaluate()
             if ck.every_steps and self.version % ck.every_steps == 0:
                 self.save(f"step-{self.version}")
                 self._prune_checkpoints()
@@ -415,7 +430,8 @@ class Controller:
             self.channels = None
         if self.pool is not None:
             self.pool.shutdown()
-        actors = [*self.learners, self.reward, self.reference, self.control]
+        references = self.reference.actors if self.reference is not None else []
+        actors = [*self.learners, *self.rewards, *references, self.control]
         for actor in filter(None, actors):
             ray.kill(actor)
         from ray.util.placement_group import remove_placement_group

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from keel.config import Resources
+from keel.config import Resources, RunConfig
 
 
 class PlacementError(RuntimeError):
@@ -29,6 +29,20 @@ class RoleRequest:
 
     def total(self) -> dict[str, float]:
         return {k: v * self.replicas for k, v in self.bundle().items()}
+
+
+def role_requests(cfg: RunConfig) -> list[RoleRequest]:
+    """What a run places, a bundle per replica: rollout, learner, the reward (unless an external
+    server scores) and the reference (when enabled)."""
+    requests = [
+        RoleRequest("rollout", cfg.rollout.replicas, cfg.rollout.resources),
+        RoleRequest("learner", cfg.learner.replicas, cfg.learner.resources),
+    ]
+    if cfg.transport.grpc.reward_address is None:
+        requests.append(RoleRequest("reward", cfg.reward.replicas, cfg.reward.resources))
+    if cfg.reference.enabled:
+        requests.append(RoleRequest("reference", cfg.reference.replicas, cfg.reference.resources))
+    return requests
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -46,6 +46,7 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int, path: str |
     path = path or cfg.prompts
     rows = read_rows(path, cfg.format)
     prompts, truncated, dropped = [], 0, 0
+    seen: dict[str, str] = {}  # prompt id -> the row that has it
     for i, row in enumerate(rows):
         text = row.text(cfg.prompt_field)
         metadata = {}
@@ -53,7 +54,13 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int, path: str |
             if name not in row.fields:
                 raise DataError(f"{row.where}: missing metadata field {name!r}")
             metadata[name] = str(row.fields[name])
-        prompt_id = str(row.fields[cfg.id_field]) if cfg.id_field and cfg.id_field in row.fields else str(i)
+        if cfg.id_field and cfg.id_field not in row.fields:
+            raise DataError(f"{row.where}: missing id field {cfg.id_field!r}")
+        prompt_id = str(row.fields[cfg.id_field]) if cfg.id_field else str(i)
+        if prompt_id in seen:
+            # samples are grouped, deduplicated and accounted for by prompt id: two prompts must not share one
+            raise DataError(f"{row.where}: prompt id {prompt_id!r} is already used by {seen[prompt_id]}")
+        seen[prompt_id] = row.where
         text, ids = encode_prompt(tokenizer, text, cfg.apply_chat_template)
         if len(ids) > max_prompt_tokens:
             if cfg.overlong_prompts == "error":

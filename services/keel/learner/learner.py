@@ -3,6 +3,12 @@
 One Learner is one data-parallel rank. The controller starts `learner.replicas` of them as Ray
 actors with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set; each rank takes its slice of every
 mini-batch and DeepSpeed averages gradients. gloo on CPU, NCCL on GPU.
+
+The objective does not depend on how a mini-batch is split. Every rank holds the whole batch, so
+each computes the mini-batch's loss units (tokens or sequences, per `algorithm.loss_agg`) itself;
+a micro-batch's loss is its sum over units divided by that global count, scaled back by the
+accumulation steps and ranks that DeepSpeed divides by (as in `keel.learner.offline`). One update
+with micro-batch 2 or 8, on 1 rank or 2, gives the same weights.
 """
 
 from __future__ import annotations
@@ -15,9 +21,27 @@ from pathlib import Path
 
 import torch
 
-from keel.algo import entropy_from_logits, entropy_loss, gather_logprobs, kl_loss, policy_loss, value_loss
-from keel.config import AlgorithmConfig, GrpcConfig, LearnerConfig, ModelConfig, OptimizerConfig, TrainerConfig
-from keel.models.loading import ValueModel, load_causal_lm, load_tokenizer, response_logits
+from keel.algo import (
+    Aggregation,
+    entropy_from_logits,
+    entropy_loss,
+    gather_logprobs,
+    kl_loss,
+    loss_units,
+    policy_loss,
+    value_loss,
+)
+from keel.config import (
+    AlgorithmConfig,
+    GrpcConfig,
+    LearnerConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainerConfig,
+    kl_estimator,
+)
+from keel.learner.metrics import UpdateMetrics
+from keel.models.loading import ValueModel, disable_dropout, load_causal_lm, load_tokenizer, response_logits
 from keel.trajectory import Trajectories
 
 
@@ -29,6 +53,7 @@ class LearnerPlan:
     use_critic: bool
     total_optimizer_steps: int  # for the LR schedule
     seed: int = 0
+    norm_len: int | None = None  # L of the seq-mean-token-sum-norm loss: rollout.sampling.max_new_tokens
 
 
 def lr_lambda(opt: OptimizerConfig, total_steps: int):
@@ -135,12 +160,16 @@ class Learner:
         self.tokenizer = load_tokenizer(model.tokenizer or model.policy)
 
         policy = load_causal_lm(model.policy, model.dtype, model.trust_remote_code)
+        # Dropout off (as TRL does): with it, the training forward pass is not the policy that
+        # sampled, and the first PPO ratio is not 1.
+        disable_dropout(policy)
         if learner.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         self.policy = self._engine(policy, learner, learner.optimizer)
         self.critic = None
         if plan.use_critic:
             critic = ValueModel.from_pretrained(learner.critic.model or model.policy, model.dtype)
+            disable_dropout(critic)
             self.critic = self._engine(critic, learner, learner.critic.optimizer)
         self.version = 0
         self.optimizer_steps = 0
@@ -173,48 +202,61 @@ class Learner:
 
     # ------------------------------------------------------------------ the PPO update
 
-    def update(self, traj: Trajectories) -> dict[str, float]:
-        """PPO epochs over a scored batch (advantages, returns, old_logprobs filled in); returns mean metrics.
+    def update(self, traj: Trajectories, kl_coef: float | None = None) -> dict[str, float]:
+        """PPO epochs over a scored batch (advantages, returns, old_logprobs filled in); returns the
+        update's metrics reduced over every rank (a collective: every rank calls it).
 
-        The batch is the full rollout batch; this rank trains on its slice of each mini-batch.
+        The batch is the full rollout batch; this rank trains on its share of each mini-batch.
+        `kl_coef` is the KL coefficient in the loss (placement loss), the adaptive controller's
+        current value; unset = algorithm.kl.coef.
         """
         a = self.algorithm
         if traj.advantages is None or traj.old_logprobs is None:
             raise ValueError("learner.update needs advantages and old_logprobs")
+        B, mini, micro = len(traj), a.mini_batch_size, self.policy.train_micro_batch_size_per_gpu()
+        if B % mini or mini % (micro * self.world_size):
+            raise ValueError(
+                f"a batch of {B} does not split into mini-batches of {mini} with equal shares of whole "
+                f"micro-batches of {micro} on {self.world_size} ranks"
+            )
         t0 = time.perf_counter()
-        B = len(traj)
+        kl_coef = a.kl.coef if kl_coef is None else kl_coef
+        per_rank = mini // self.world_size
+        # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages the
+        # gradients over ranks; the loss shares are already global, so undo both.
+        scale = (per_rank // micro) * self.world_size
         generator = torch.Generator().manual_seed(self.plan.seed + self.version)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def record(metrics: dict[str, float]) -> None:
-            for k, v in metrics.items():
-                if not math.isnan(v):
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-
-        micro = self.policy.train_micro_batch_size_per_gpu()
+        stats = UpdateMetrics()
         for _ in range(a.ppo_epochs):
-            order = torch.randperm(B, generator=generator)
-            for m in range(0, B, a.mini_batch_size):
-                mini = order[m : m + a.mini_batch_size]
-                mine = mini.chunk(self.world_size)[self.rank]
-                for s in range(0, len(mine), micro):
-                    record(self._train_micro(traj.select(mine[s : s + micro])))
+            order = torch.randperm(B, generator=generator)  # the same on every rank
+            for m in range(0, B, mini):
+                batch = order[m : m + mini]
+                agg = Aggregation(a.loss_agg, self.plan.norm_len, loss_units(traj.response_mask[batch], a.loss_agg))
+                mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+                for s in range(0, per_rank, micro):
+                    mb = traj.select(mine[s : s + micro])
+                    stats.add(self._train_micro(mb, agg, scale, kl_coef), weight=float(mb.response_mask.sum()))
+                stats.end_mini_batch()
                 self.optimizer_steps += 1
-                record({"policy/lr": self.policy.get_lr()[0]})
+                stats.add({"policy/lr": self.policy.get_lr()[0]})
         self.version += 1
-        out = {k: sums[k] / counts[k] for k in sums}
+        out = stats.reduce(self.world_size)
+        if a.kl.placement == "loss":
+            out["kl/coef"] = kl_coef
         out["time/update_s"] = time.perf_counter() - t0
         return out
 
-    def _train_micro(self, mb: Trajectories) -> dict[str, float]:
+    def _train_micro(self, mb: Trajectories, agg: Aggregation, scale: float, kl_coef: float) -> dict[str, float]:
+        """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
+
+        Its losses are its share of the mini-batch's (`agg` carries the global divisor).
+        """
         a = self.algorithm
         P = mb.prompt_tokens.shape[1]
         ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
         mask = mb.response_mask.to(self.device).float()
-        logits = response_logits(self.policy, ids, attn, P)
-        logprobs = gather_logprobs(logits, ids[:, P:], self.plan.temperature)
+        logits = response_logits(self.policy, ids, attn, P)  # (b, R, V)
+        logprobs = gather_logprobs(logits, ids[:, P:], self.plan.temperature)  # (b, R) log pi_theta(a_t)
         loss, metrics = policy_loss(
             logprobs,
             mb.old_logprobs.to(self.device),
@@ -223,30 +265,31 @@ class Learner:
             clip_low=a.clip_low,
             clip_high=a.clip_high,
             dual_clip=a.dual_clip,
-            agg=a.loss_agg,
+            agg=agg,
             is_weights=mb.is_weights.to(self.device) if mb.is_weights is not None else None,
         )
-        if a.kl.placement == "loss" and a.kl.coef > 0 and mb.ref_logprobs is not None:
+        if a.kl.placement == "loss" and kl_coef > 0 and mb.ref_logprobs is not None:
             kl, kl_metrics = kl_loss(
-                logprobs, mb.ref_logprobs.to(self.device), mask, a.kl.coef, a.kl.estimator, a.loss_agg
+                logprobs, mb.ref_logprobs.to(self.device), mask, kl_coef, kl_estimator(a.kl), agg
             )
             loss = loss + kl
             metrics.update(kl_metrics)
-        # Entropy is always logged; it carries gradient only when it is part of the loss.
+        # Entropy of the sampling distribution (temperature applied) is always logged; it carries
+        # gradient only when it is part of the loss.
         ent_logits = logits if a.entropy_coef > 0 else logits.detach()
-        ent, ent_metrics = entropy_loss(entropy_from_logits(ent_logits), mask, a.loss_agg)
+        ent, ent_metrics = entropy_loss(entropy_from_logits(ent_logits, self.plan.temperature), mask, agg)
         if a.entropy_coef > 0:
             loss = loss + a.entropy_coef * ent
         metrics.update(ent_metrics)
-        self.policy.backward(loss)
+        self.policy.backward(loss * scale)
         metrics.update(step_engine(self.policy, "policy/grad_norm"))
 
         if self.critic is not None:
             values = self.critic(ids, attn, P)
             vloss, vmetrics = value_loss(
-                values, mb.values.to(self.device), mb.returns.to(self.device), mask, a.value_clip, a.loss_agg
+                values, mb.values.to(self.device), mb.returns.to(self.device), mask, a.value_clip, agg
             )
-            self.critic.backward(a.value_coef * vloss)
+            self.critic.backward(a.value_coef * vloss * scale)
             metrics.update(step_engine(self.critic, "value/grad_norm"))
             metrics.update(vmetrics)
         return metrics
@@ -278,6 +321,28 @@ class Learner:
             return {}
         manifest = self._publisher.publish(version, state)
         return {"version": manifest.version, "bytes": manifest.total_bytes, "tensors": len(manifest.tensors)}
+
+    def save_checkpoint(self, directory: str) -> None:
+        """This rank's share of a checkpoint under `directory`: the policy's and critic's DeepSpeed
+        state (optimizer and LR schedule included), the update counters and this process's RNG
+        states. A collective: every rank calls it."""
+        d = Path(directory)
+        save_engine(self.policy, d / "policy")
+        if self.critic is not None:
+            save_engine(self.critic, d / "critic")
+        own = {"version": self.version, "optimizer_steps": self.optimizer_steps, "rng": rng_state()}
+        torch.save(own, d / f"learner-rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore what `save_checkpoint` wrote (a collective); returns the weight version."""
+        d = Path(directory)
+        load_engine(self.policy, d / "policy")
+        if self.critic is not None:
+            load_engine(self.critic, d / "critic")
+        own = torch.load(d / f"learner-rank{self.rank}.pt", weights_only=False)
+        self.version, self.optimizer_steps = own["version"], own["optimizer_steps"]
+        set_rng_state(own["rng"])
+        return self.version
 
     def stop_serving(self) -> None:
         if self._publisher is not None:
@@ -327,3 +392,46 @@ def step_engine(engine, key: str) -> dict[str, float]:
             float(reported.item() if isinstance(reported, torch.Tensor) else reported) if reported is not None else None
         )
     return {} if norm is None else {key: norm}
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def save_engine(engine, directory: Path) -> None:
+    """Every rank's DeepSpeed state of `engine` (module, optimizer, LR schedule; ZeRO shards per
+    rank) under `directory`. A collective: every rank calls it with the same directory, which must
+    be shared storage when ranks are on several nodes."""
+    engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+
+
+def load_engine(engine, directory: Path) -> None:
+    """Restore what `save_engine` wrote, optimizer and LR schedule included (a collective)."""
+    path, _ = engine.load_checkpoint(
+        str(directory), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint to load")
+
+
+def rng_state() -> dict:
+    """This process's random number generators (python, numpy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

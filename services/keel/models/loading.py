@@ -43,6 +43,23 @@ def response_logits(
     return out.logits[:, prompt_len - 1 : -1]
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn every dropout off, in train mode too: nn.Dropout modules get p = 0, and attention
+    modules that read a dropout rate in forward (HF's `attention_dropout`) get 0. Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name in list(vars(config)):
+            if "dropout" in name and isinstance(getattr(config, name), float):
+                setattr(config, name, 0.0)
+    return model
+
+
 @torch.no_grad()
 def response_logprobs(
     model: nn.Module,

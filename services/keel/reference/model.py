@@ -17,6 +17,7 @@ class ReferenceModel:
             p.requires_grad_(False)
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
+        self.samples = 0  # samples scored: this replica's share of the load
 
     def logprobs(self, traj: Trajectories) -> torch.Tensor:
         """(B, R) log pi_ref(a_t) at the sampling temperature, 0 on padding."""
@@ -28,4 +29,9 @@ class ReferenceModel:
             self.temperature,
             self.micro_batch_size,
         )
+        self.samples += len(traj)
         return lp * traj.response_mask
+
+    def samples_scored(self) -> int:
+        """How many samples this replica has scored (several replicas share each batch)."""
+        return self.samples

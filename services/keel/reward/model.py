@@ -16,16 +16,16 @@ class RewardError(ValueError):
     """A reward that cannot be used (NaN, inf, wrong count, bad function); names the sample."""
 
 
-def import_function(ref: str) -> Callable:
-    """Resolve "package.module:function"."""
+def import_function(ref: str, field: str = "reward.source.function") -> Callable:
+    """Resolve "package.module:function"; errors name the config `field` that holds `ref`."""
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise RewardError(f"reward.source.function: cannot import module {module_name!r} ({err})") from None
+        raise RewardError(f"{field}: cannot import module {module_name!r} ({err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward.source.function: {module_name!r} has no callable {attr!r}")
+        raise RewardError(f"{field}: {module_name!r} has no callable {attr!r}")
     return fn
 
 
@@ -57,6 +57,7 @@ class RewardModel(Scorer):
 
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
+        self.samples = 0  # samples scored: this replica's share of the load
         source = cfg.source
         if isinstance(source, RewardFunctionSource):
             self.name = source.function
@@ -89,7 +90,12 @@ class RewardModel(Scorer):
         scores = torch.tensor(values, dtype=torch.float32)
         if self.cfg.clip is not None:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
+        self.samples += len(values)
         return scores
+
+    def samples_scored(self) -> int:
+        """How many samples this replica has scored (several replicas share each batch)."""
+        return self.samples
 
 
 def reward_model_inputs(tokenizer, prompts: list[str], responses: list[str], max_tokens: int) -> dict:

@@ -275,5 +275,9 @@ class RewardServerRole:
 
         return advertised_address(self._grpc, self._running.port)
 
+    def samples_scored(self) -> int:
+        """How many samples this replica has scored (several replicas share each batch)."""
+        return self._running.batcher.model.samples_scored()
+
     def stop(self) -> None:
         self._running.stop(0)

@@ -16,7 +16,7 @@ class Sample:
     """One generated response."""
 
     prompt_index: int  # index into the prompt list given to generate()
-    token_ids: list[int]  # generated tokens, through the stop/EOS token when there was one
+    token_ids: list[int]  # generated tokens, through the one that ended it (EOS, stop id, or completing a stop string)
     logprobs: list[float]  # log pi(token) under the sampling distribution (temperature applied)
     finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keel.config import SamplingConfig
 from keel.models.loading import load_causal_lm, response_logprobs
@@ -31,13 +32,14 @@ class HFGenerator(Generator):
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
         tok = self.tokenizer
         pad = tok.pad_token_id
-        stop_ids = {tok.eos_token_id, *sampling.stop_token_ids}
+        stop_ids = {i for i in (tok.eos_token_id, *sampling.stop_token_ids) if i is not None}
         P = max(len(p) for p in prompt_token_ids)
         ids = torch.full((len(prompt_token_ids), P), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompt_token_ids):
             ids[i, P - len(p) :] = torch.tensor(p)
             mask[i, P - len(p) :] = 1
+        rule = StopRule(tok, stop_ids, sampling.stop, prompt_len=P)
         greedy = sampling.temperature == 0.0
         torch.manual_seed(seed)
         out = self.model.generate(
@@ -49,33 +51,63 @@ class HFGenerator(Generator):
             top_k=None if greedy else sampling.top_k,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=sampling.n,
-            eos_token_id=sorted(i for i in stop_ids if i is not None),
+            eos_token_id=sorted(stop_ids),
             pad_token_id=pad,
-            stop_strings=sampling.stop or None,
-            tokenizer=tok if sampling.stop else None,
+            # not transformers' `stop_strings`: it also matches across the prompt, and rows it stops are
+            # padded with pad_token_id, which the cut below would have to tell apart from real tokens
+            stopping_criteria=StoppingCriteriaList([rule]),
         )
-        responses = out[:, P:]
-        # Cut each response after its first stop token; the rest is padding.
-        lengths = []
-        for row in responses.tolist():
-            end = next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))
-            lengths.append(end)
-        full_mask = torch.cat([mask.repeat_interleave(sampling.n, 0), _length_mask(lengths, responses.shape[1])], 1)
+        responses = out[:, P:].tolist()  # (B * n, <= max_new_tokens); finished rows continue with pad
+        # Cut each row by the rule that stopped it: through its stop token, nothing after.
+        ends = [rule.end(row) for row in responses]
+        lengths = [len(row) if end is None else end for row, end in zip(responses, ends, strict=True)]
+        full_mask = torch.cat([mask.repeat_interleave(sampling.n, 0), _length_mask(lengths, out.shape[1] - P)], 1)
         temperature = 1.0 if greedy else sampling.temperature
         logprobs = response_logprobs(self.model, out, full_mask, P, temperature, self.micro_batch_size)
-        samples = []
-        for k, length in enumerate(lengths):
-            tokens = responses[k, :length].tolist()
-            stopped = length > 0 and (tokens[-1] in stop_ids or _ends_with_stop(tok, tokens, sampling.stop))
-            samples.append(
-                Sample(k // sampling.n, tokens, logprobs[k, :length].tolist(), "stop" if stopped else "length")
-            )
-        return samples
+        return [
+            Sample(k // sampling.n, row[:length], logprobs[k, :length].tolist(), "length" if end is None else "stop")
+            for k, (row, length, end) in enumerate(zip(responses, lengths, ends, strict=True))
+        ]
+
+
+class StopRule(StoppingCriteria):
+    """Where a response ends, by vLLM's rule: at its first stop token id (EOS or a
+    `stop_token_ids` entry), or at the first token after which its decoded text contains a stop
+    string. That token is kept; nothing after it is.
+
+    The same rule stops rows during `generate` (as a StoppingCriteria) and cuts them afterwards
+    (`end`), so the two cannot disagree. Text is decoded as vLLM's detokenizer does it: response
+    tokens only, special tokens skipped, spaces not cleaned up.
+    """
+
+    def __init__(self, tokenizer, stop_ids: set[int], stop_strings: Sequence[str], prompt_len: int):
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.stop_strings = list(stop_strings)
+        self.prompt_len = prompt_len  # generate's sequences are (B, prompt_len + t)
+
+    def stopped(self, tokens: Sequence[int]) -> bool:
+        """Whether the response `tokens` has reached a stop, at its last token or before."""
+        return any(t in self.stop_ids for t in tokens) or self._has_stop_string(tokens)
+
+    def end(self, tokens: Sequence[int]) -> int | None:
+        """Length of the response through its stop token, or None when it has none (cut by length):
+        the shortest prefix that `stopped`."""
+        end = next((j + 1 for j, t in enumerate(tokens) if t in self.stop_ids), None)
+        if self._has_stop_string(tokens[:end]):  # then a stop string ends it, at this token or before
+            end = next(j + 1 for j in range(len(tokens)) if self._has_stop_string(tokens[: j + 1]))
+        return end
+
+    def _has_stop_string(self, tokens: Sequence[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return any(s in text for s in self.stop_strings)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [self.stopped(row) for row in input_ids[:, self.prompt_len :].tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _length_mask(lengths: list[int], width: int) -> torch.Tensor:
     return (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
-
-
-def _ends_with_stop(tok, tokens: list[int], stop: list[str]) -> bool:
-    return bool(stop) and any(tok.decode(tokens).endswith(s) for s in stop)

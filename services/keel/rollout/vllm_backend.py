@@ -9,6 +9,7 @@ for exact PPO ratios, or watch the logged rollout/learner log-prob gap).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 
@@ -56,6 +57,14 @@ class VLLMGenerator(Generator):
         # Cached KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
 
+    def close(self) -> None:
+        """Shut the in-process engine down and free its memory; the generator serves no more."""
+        # vLLM freezes the garbage collector while the engine starts, so dropping the last reference
+        # frees nothing; and on CPU the next engine's KV cache gets only what this process has left.
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Sample]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -71,7 +80,9 @@ class VLLMGenerator(Generator):
                 stop_token_ids=sampling.stop_token_ids or None,
                 seed=seed + i,  # one stream per prompt: the batch split across workers does not change samples
                 logprobs=0,
-                detokenize=False,
+                # Stop strings are matched on the decoded text; decoding costs time, so only then.
+                # vLLM keeps the token that completes a stop string and drops any after it.
+                detokenize=bool(sampling.stop),
             )
             for i in range(len(prompt_token_ids))
         ]

@@ -84,7 +84,24 @@ def test_kl_in_reward_counts_in_outcome_estimators():
     kl = torch.tensor([[-0.5, -0.5, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     adv, ret = compute_advantages("dr_grpo", _inputs([1.0, 1.0], groups=[0, 0], kl=kl))
     assert ret[:, 0].tolist() == pytest.approx([0.0, 1.0])  # 1 - 0.5 - 0.5
-    assert adv[:, 0].tolist() == pytest.approx([-0.5, 0.5])
+    # equal scores: the score term is 0; each token keeps the KL penalty still ahead of it
+    assert_values(adv, [[-1.0, -0.5, 0.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_add_kl_after_normalising_scores(name):
+    """Four equal scores with KL penalties of -1e-3..-4e-3 on one token each: the advantages are of
+    the KL's own scale. Standardising score + KL inside the group (the old rule) made +-1.16 of them."""
+    kl = torch.zeros(4, 3, dtype=torch.float64)
+    kl[:, 0] = torch.tensor([-1e-3, -2e-3, -3e-3, -4e-3], dtype=torch.float64)
+    adv, _ = compute_advantages(name, _inputs([1.0, 1.0, 1.0, 1.0], groups=[0, 0, 0, 0], kl=kl))
+    assert_values(adv[:, 0], [-1e-3, -2e-3, -3e-3, -4e-3])
+    assert torch.all(adv[:, 1:] == 0)
+    # different scores: the score term is the group-normalised score alone, the KL rides on top
+    scores = [0.0, 1.0, 0.0, 1.0]
+    plain, _ = compute_advantages(name, _inputs(scores, groups=[0, 0, 0, 0]))
+    with_kl, _ = compute_advantages(name, _inputs(scores, groups=[0, 0, 0, 0], kl=kl))
+    assert_values(with_kl - plain, kl.tolist())
 
 
 def test_reinforce_pp_is_whitened_discounted_return():

@@ -23,6 +23,15 @@ def test_entropy_uniform_and_peaked():
     assert entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_entropy_is_of_the_temperature_scaled_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=g)
+    p = torch.softmax(logits / 0.7, -1)
+    want = -(p * torch.log(p)).sum(-1)
+    torch.testing.assert_close(entropy_from_logits(logits, temperature=0.7), want)
+    assert not torch.allclose(entropy_from_logits(logits), want)
+
+
 def test_sequence_logprobs_sum_and_mean():
     lp = torch.tensor([[-1.0, -2.0, -9.0]])
     m = torch.tensor([[1, 1, 0]])

@@ -116,6 +116,25 @@ def test_value_loss_hand_case_and_clipping():
     assert loss.item() == pytest.approx(0.5 * (1.0 + 0.01) / 2)
 
 
+def test_value_clip_frac_counts_only_values_past_the_clip_range():
+    # tokens 0-1 moved less than 0.2 from old_V; tokens 2-3 moved further, toward their return, so the
+    # clipped branch is not the larger one there, yet the clip is what bounds them
+    old = torch.tensor([[0.1, 0.0, 0.0, 0.0]])
+    v = torch.tensor([[0.25, 0.2, 0.5, -0.25]])
+    ret = torch.tensor([[5.0, -5.0, 0.0, 0.0]])
+    _, metrics = value_loss(v, old, ret, torch.ones(1, 4), clip_range=0.2)
+    assert metrics["value/clip_frac"] == pytest.approx(0.5)
+
+
+def test_huge_ratio_with_negative_advantage_gets_no_gradient():
+    # log ratio 25, A = -1, no dual clip: the unclamped gradient is e^25 = 7e10; clamped at 20 it is 0
+    lp = torch.tensor([[25.0]], requires_grad=True)
+    loss, metrics = policy_loss(lp, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and lp.grad.item() == 0.0
+    assert metrics["policy/ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-5)
+
+
 def test_value_gradient_moves_value_toward_return():
     v = torch.tensor([[0.0, 0.0]], requires_grad=True)
     ret = torch.tensor([[1.0, -1.0]])
@@ -130,6 +149,9 @@ def test_entropy_loss_sign():
     loss.backward()
     assert metrics["policy/entropy"] == pytest.approx(2.0)
     assert (ent.grad < 0).all()  # descending the loss raises entropy
+    # the metric is the per-token mean whatever the aggregation
+    _, metrics = entropy_loss(ent.detach(), torch.ones(1, 2), "seq-mean-token-sum")
+    assert metrics["policy/entropy"] == pytest.approx(2.0)
 
 
 def test_explained_variance():

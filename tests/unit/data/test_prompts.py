@@ -55,6 +55,16 @@ def test_bad_row_names_file_and_line(tmp_path, line, message):
         load_prompts(DataConfig(prompts=str(path), metadata_fields=["answer"]), CharTokenizer(), 64)
 
 
+def test_duplicate_prompt_ids_name_both_rows(tmp_path):
+    rows = [{"id": "a", "prompt": "1+1="}, {"id": "b", "prompt": "2+2="}, {"id": "a", "prompt": "3+3="}]
+    path = _write(tmp_path, [json.dumps(r) for r in rows])
+    with pytest.raises(DataError, match=r"p.jsonl:3: prompt id 'a' is already used by .*p.jsonl:1$"):
+        load_prompts(DataConfig(prompts=str(path), id_field="id"), CharTokenizer(), 64)
+    missing = _write(tmp_path, [json.dumps({"id": "a", "prompt": "x"}), json.dumps({"prompt": "y"})])
+    with pytest.raises(DataError, match=r"p.jsonl:2: missing id field 'id'"):
+        load_prompts(DataConfig(prompts=str(missing), id_field="id"), CharTokenizer(), 64)
+
+
 def test_sampler_covers_each_prompt_once_per_epoch_and_resumes():
     prompts = [Prompt(str(i), "p", (1,)) for i in range(10)]
     s = PromptSampler(prompts, batch_size=5, seed=1)

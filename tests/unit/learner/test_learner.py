@@ -47,7 +47,7 @@ def _learner(model_dir, zero=0, critic=True, kl_placement="reward", epochs=2):
         kl=KLConfig(coef=0.1, placement=kl_placement),
     )
     learner = LearnerConfig(
-        micro_batch_size=2, deepspeed=DeepSpeedConfig(zero_stage=zero), optimizer=OptimizerConfig(lr=2e-3)
+        micro_batch_size=2, deepspeed=DeepSpeedConfig(zero_stage=zero), optimizer=OptimizerConfig(lr=2e-4)
     )
     plan = LearnerPlan(temperature=1.0, use_critic=critic, total_optimizer_steps=10)
     return Learner(ModelConfig(policy=str(model_dir)), learner, algo, plan)

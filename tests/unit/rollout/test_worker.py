@@ -32,7 +32,9 @@ def hf_worker(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_worker(tiny_model_dir):
-    return RolloutWorker(ModelConfig(policy=str(tiny_model_dir)), RolloutConfig(backend="vllm"), 64, seed=0)
+    worker = RolloutWorker(ModelConfig(policy=str(tiny_model_dir)), RolloutConfig(backend="vllm"), 64, seed=0)
+    yield worker
+    worker.generator.close()  # frees its memory for the next module's engine
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])

@@ -1,0 +1,117 @@
+"""reward.replicas and reference.replicas on real Ray actors: two actors sharing a batch give what
+one gives, and each of them scores its shard. Over the object store (RewardModel actors) and over
+gRPC (RewardServerRole actors, a RewardClient each), and for the reference log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from keel.config import (
+    GrpcConfig,
+    ModelConfig,
+    Resources,
+    RewardConfig,
+    RewardFunctionSource,
+    RolloutConfig,
+    SamplingConfig,
+)
+from keel.controller.actors import remote
+from keel.controller.channels import ActorReward, GrpcReward
+from keel.controller.replicas import ReferencePool
+from keel.data.prompts import Prompt
+from keel.data.tasks import arithmetic_rows
+
+SMALL = Resources(num_cpus=0.25)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir):
+    """7 sampled answers to addition prompts (odd, so the shards are 4 and 3) of several lengths."""
+    from keel.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(ModelConfig(policy=str(tiny_model_dir)), RolloutConfig(backend="hf"), 64, seed=0)
+    tok = worker.tokenizer
+    prompts = [
+        Prompt(str(i), row["prompt"], tuple(tok(row["prompt"]).input_ids), {"answer": row["answer"]})
+        for i, row in enumerate(arithmetic_rows(7, seed=5, max_operand=20))
+    ]
+    traj = worker.generate(prompts, seed=1, sampling=SamplingConfig(temperature=1.0, max_new_tokens=6))
+    assert len(traj) == 7 and len(set(traj.prompt_mask.sum(-1).tolist())) > 1  # left padding in the batch
+    return traj
+
+
+def _answered(traj):
+    """The batch with responses that score 1 (right sum), 0.1 (a wrong number), 0 (no number) in
+    turn, so shards joined out of order would show."""
+    responses = [[m["answer"], "99", "no"][i % 3] for i, m in enumerate(traj.metadata)]
+    return traj.with_fields(responses=responses), torch.tensor([[1.0, 0.1, 0.0][i % 3] for i in range(len(traj))])
+
+
+def _counts(actors) -> list[int]:
+    return ray.get([a.samples_scored.remote() for a in actors])
+
+
+def _scored_alone_then_shared(make_channel, actors, traj):
+    """(scores by actors[0] alone, scores by both, what each actor scored in the shared call)."""
+    alone = make_channel(actors[:1]).submit(traj, ray.put(traj)).result()
+    before = _counts(actors)
+    shared = make_channel(actors).submit(traj, ray.put(traj)).result()
+    return alone, shared, [after - b for after, b in zip(_counts(actors), before, strict=True)]
+
+
+def test_two_reward_actors_score_like_one(ray_session, batch):
+    from keel.reward.model import RewardModel
+
+    reward = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"))
+    actors = [remote(RewardModel, SMALL).remote(reward) for _ in range(2)]
+    traj, expected = _answered(batch)
+    try:
+        alone, shared, work = _scored_alone_then_shared(ActorReward, actors, traj)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert torch.equal(alone, expected) and torch.equal(shared, expected)
+    assert work == [4, 3]
+
+
+def test_two_reward_servers_score_like_one(ray_session, batch):
+    from keel.reward.client import RewardClient
+    from keel.reward.server import RewardServerRole
+
+    reward = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"))
+    grpc_cfg = GrpcConfig(auth=False)
+    actors = [remote(RewardServerRole, SMALL).remote(reward, grpc_cfg, 16) for _ in range(2)]
+    clients = {}
+
+    def channel(subset):
+        reward_channel = GrpcReward([RewardClient(grpc_cfg, ray.get(a.address.remote())) for a in subset])
+        clients[len(subset)] = reward_channel
+        return reward_channel
+
+    traj, expected = _answered(batch)
+    try:
+        alone, shared, work = _scored_alone_then_shared(channel, actors, traj)
+    finally:
+        for reward_channel in clients.values():
+            reward_channel.close()
+        for a in actors:
+            ray.kill(a)
+    assert torch.equal(alone, expected) and torch.equal(shared, expected)
+    assert work == [4, 3]
+
+
+def test_two_reference_actors_give_the_same_logprobs(ray_session, batch, tiny_model_dir):
+    from keel.reference.model import ReferenceModel
+
+    actors = [remote(ReferenceModel, SMALL).remote(str(tiny_model_dir), "float32", 2) for _ in range(2)]
+    try:
+        alone, shared, work = _scored_alone_then_shared(ReferencePool, actors, batch)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert shared.shape == batch.response_tokens.shape  # each shard kept the batch's width R
+    torch.testing.assert_close(shared, alone, atol=1e-6, rtol=0)
+    assert (shared[~batch.response_mask] == 0).all()
+    assert work == [4, 3]
