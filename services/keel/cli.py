@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_STOPPED = 75  # stopped by a signal after a checkpoint: run the same command again to resume
 
 
 def _err(message: str) -> None:
@@ -161,9 +162,11 @@ def _metric_line(kind: str, m: dict) -> str:
 
 
 def cmd_offline(args: argparse.Namespace) -> int:
-    """keel sft / rm / dpo: check the config and files, train, print progress, write the model."""
+    """keel sft / rm / dpo: check the config and files, resume what --out holds (or start afresh),
+    train, print progress, write the model."""
+    from keel.controller.checkpoint import CheckpointError, ResumeRefused
     from keel.data.rows import DataError
-    from keel.learner.offline import output_dir, run_offline
+    from keel.learner.offline import open_run, output_dir, run_offline
 
     cfg = _checked_config(args.config, args.kind, offline_preflight)
     if cfg is None:
@@ -176,6 +179,21 @@ def cmd_offline(args: argparse.Namespace) -> int:
     else:
         from keel.learner.dpo import DPOTrainer as trainer
     out = output_dir(cfg, args.out)
+    try:  # decided before anything starts
+        start = open_run(cfg, out, args.force_new)
+    except ResumeRefused as err:
+        _err(f"config error: {args.config}: {err} (--force-new starts over)")
+        return EXIT_BAD_INPUT
+    except CheckpointError as err:
+        _err(str(err))
+        return EXIT_FAILED
+    if start.finished:
+        print(f"{out}: the run already finished ({start.step} steps); nothing to train")
+        return EXIT_OK
+    if start.checkpoint is not None:
+        print(f"{args.kind}: resuming from {start.checkpoint} ({start.step} steps done)", flush=True)
+    if start.replaced is not None:
+        print(f"{args.kind}: the previous run's files in {out} are now in {start.replaced}", flush=True)
 
     def show(m: dict) -> None:
         if "note" in m:
@@ -183,13 +201,29 @@ def cmd_offline(args: argparse.Namespace) -> int:
         elif any(k.startswith("eval/") for k in m) or m["step"] % args.log_every == 0 or m["step"] == 1:
             print(_metric_line(args.kind, m), flush=True)
 
+    from keel.learner.offline import STOP_FILE
+
     try:
-        history, _ = run_offline(trainer, cfg, out, show)
+        with stop_on_signals(lambda: (out / STOP_FILE).touch(), cfg.checkpoint.stop_grace_s):
+            run_offline(trainer, cfg, out, show, start)
     except DataError as err:
         _err(f"data error: {err}")
         return EXIT_BAD_INPUT
+    if (out / STOP_FILE).exists():
+        (out / STOP_FILE).unlink()
+        if not open_run_finished(out):
+            print(f"{args.kind}: stopped with a checkpoint in {out}; run the same command to resume")
+            return EXIT_STOPPED
     print(f"wrote {args.kind} model to {out}")
     return EXIT_OK
+
+
+def open_run_finished(out) -> bool:
+    """Whether the latest checkpoint in an output directory is a finished run's."""
+    from keel.controller.checkpoint import CheckpointStore
+
+    latest = CheckpointStore(out / "checkpoints", 1).latest()
+    return latest is not None and CheckpointStore.read_state(latest)["finished"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -278,6 +312,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_BAD_INPUT
     run_dir = Path(args.run_dir or cfg.logging.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from keel.controller.checkpoint import CheckpointError, ResumeRefused, resume_point
+
+    try:  # decided before anything starts
+        checkpoint, state, replaced = resume_point(
+            run_dir, cfg.model_dump(mode="json"), cfg.checkpoint.resume, getattr(args, "force_new", False)
+        )
+    except ResumeRefused as err:
+        _err(f"config error: {args.config}: {run_dir} holds a run made with another config (--force-new starts over):")
+        for line in err.lines:
+            _err(f"config error: {args.config}: {line}")
+        return EXIT_BAD_INPUT
+    except CheckpointError as err:
+        _err(str(err))
+        return EXIT_FAILED
+    if state is not None and state["finished"]:
+        print(f"{run_dir}: the run already finished ({state['step']} steps); nothing to train")
+        return EXIT_OK
+    if replaced is not None:
+        print(f"the previous run's files in {run_dir} are now in {replaced}", flush=True)
 
     import ray
 
@@ -285,11 +338,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _role_env()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=cfg.logging.level == "DEBUG")
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=cfg.logging.level == "DEBUG")
     from keel.controller.placement import PlacementError
     from keel.data.rows import DataError
 
-    controller = Controller(cfg, run_dir)
+    controller = Controller(cfg, run_dir, resume_from=checkpoint)
     try:
         controller.start()
     except PlacementError as err:
@@ -309,9 +362,53 @@ def cmd_train(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    controller.run(on_step=line)
+    with stop_on_signals(controller.request_stop, cfg.checkpoint.stop_grace_s):
+        controller.run(on_step=line)
+    controller.shutdown()
     print(f"run directory: {run_dir}")
-    return EXIT_OK
+    return EXIT_STOPPED if controller.stop_requested else EXIT_OK
+
+
+def stop_on_signals(request_stop: Callable[[], None], grace_s: float):
+    """While a run goes on, SIGTERM or SIGINT calls `request_stop` (the run then stops at its next
+    step boundary with a checkpoint); past `grace_s` seconds, or on a second signal, the process
+    exits at once with EXIT_STOPPED (the last checkpoint stays). `keel stop` and a Kubernetes pod
+    deletion send SIGTERM."""
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    def now(reason: str) -> None:
+        _err(f"{reason}: stopping now, without a new checkpoint")
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
+
+    signalled = []
+
+    def handle(signum, _frame) -> None:
+        if signalled:
+            now(f"second {signal.Signals(signum).name}")
+        signalled.append(signum)
+        request_stop()
+        _err(
+            f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (at most {grace_s:.0f}s; "
+            "signal again to stop at once)"
+        )
+        timer = threading.Timer(grace_s, now, args=(f"grace period of {grace_s:.0f}s over",))
+        timer.daemon = True
+        timer.start()
+
+    @contextlib.contextmanager
+    def installed():
+        old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, previous in old.items():
+                signal.signal(sig, previous)
+
+    return installed()
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
@@ -509,7 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, text in helps.items():
         cmd = sub.add_parser(kind, help=text)
         cmd.add_argument("--config", required=True, help=f"YAML {kind} config (keel config schema --kind {kind})")
-        cmd.add_argument("--out", help="output directory (default: the config's output_dir, else runs/<name>-<time>)")
+        cmd.add_argument(
+            "--out",
+            help="output directory (default: the config's output_dir, else runs/<name>-<time>); one holding "
+            "checkpoints of the same config resumes from the latest",
+        )
+        cmd.add_argument(
+            "--force-new", action="store_true", help="start over in --out, moving a previous run there aside"
+        )
         cmd.add_argument("--log-every", type=int, default=10, help="print every this many steps (default 10)")
         cmd.set_defaults(func=cmd_offline, kind=kind)
 
@@ -527,7 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run PPO (or GRPO, RLOO, REINFORCE++) as configured, on Ray")
     train.add_argument("--config", required=True, help="YAML run config")
     train.add_argument(
-        "--run-dir", help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>)"
+        "--run-dir",
+        help="where config snapshot, metrics.jsonl and checkpoints go (default runs/<name>-<time>); a directory "
+        "holding a run with the same config resumes it",
+    )
+    train.add_argument(
+        "--force-new", action="store_true", help="start over in --run-dir, moving a previous run there aside"
     )
     train.set_defaults(func=cmd_train)
 

@@ -479,9 +479,26 @@ class CheckpointConfig(Section):
     """What is saved and when."""
 
     every_steps: int = Field(
-        0, ge=0, description="Export the policy (HF format) every this many steps; 0 = only at the end."
+        0,
+        ge=0,
+        description="Save a full checkpoint (learner state, sampler, RNG, ...) every this many steps; 0 = only "
+        "at the end, or when the run is stopped by a signal.",
     )
-    keep_last: PositiveInt = Field(2, description="Periodic exports kept on disk (older ones are deleted).")
+    keep_last: PositiveInt = Field(
+        2, description="Checkpoints kept on disk; older ones are deleted once a newer one is complete."
+    )
+    save_hf: bool = Field(True, description="Also export the policy in HF format inside each checkpoint (hf/).")
+    stop_grace_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="On SIGTERM/SIGINT the run finishes its step and checkpoints; past this many seconds it "
+        "exits without (the last checkpoint stays).",
+    )
+    resume: bool = Field(
+        True,
+        description="When the run directory holds a checkpoint made with the same config, continue from it; "
+        "a different config is refused (keel train --force-new starts over, moving the old run aside).",
+    )
 
 
 class LoggingConfig(Section):
@@ -675,7 +692,14 @@ class OfflineRun(Section):
     model: BaseModelConfig = Field(description="The model to start from.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="DeepSpeed, optimizer, micro-batches.")
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig, description="Epochs, batch size, evaluation.")
-    output_dir: str | None = Field(None, description="Where the HF model, metrics.jsonl and config.yaml go.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig,
+        description="Checkpoints under <output_dir>/checkpoints/ (every_steps optimizer steps; hf/ holds the model "
+        "in HF format); running the same command with the same output directory resumes from the latest.",
+    )
+    output_dir: str | None = Field(
+        None, description="Where the HF model, metrics.jsonl, keel_config.yaml and checkpoints/ go."
+    )
 
     @model_validator(mode="after")
     def _batches_divide(self) -> OfflineRun:

@@ -282,9 +282,10 @@ def _quiet(log, kind: str, every_s: float = 5.0):
 
 
 def _offline(trainer_cls, cfg, out: Path, kind: str, log) -> list[dict]:
-    from keel.learner.offline import run_offline
+    from keel.learner.offline import open_run, run_offline
 
-    history, _ = run_offline(trainer_cls, cfg, out, _quiet(log, kind))
+    # the demo makes its base model and data again on every run, so each stage starts afresh too
+    history, _ = run_offline(trainer_cls, cfg, out, _quiet(log, kind), open_run(cfg, out, force_new=True))
     evals = [m for m in history if any(k.startswith("eval/") for k in m)]
     if evals:
         log(_held_out(kind, evals[-1]) + " (final)")

@@ -114,6 +114,39 @@ def test_scale_a_running_job_then_stop_it(cluster, demo_inputs, tmp_path):
     assert keel("status", job, "--address", address, env=env).stdout.startswith(f"{job}: STOPPED")
 
 
+def test_a_stopped_job_submitted_again_resumes(cluster, demo_inputs, tmp_path):
+    """`keel stop` gives the job its grace period: it finishes the step and checkpoints into the run
+    directory; the same submission again continues from there and trains every step exactly once."""
+    import json
+
+    address, env = cluster
+    steps = 200  # about 0.1 s each here: long enough to be stopped mid-run
+    config = _run_config(demo_inputs, tmp_path / "job", steps=steps)
+    run_dir = str(tmp_path / "run")
+    submit = ("submit", "--address", address, "--config", str(config), "--working-dir", str(tmp_path / "job"),
+              "--run-dir", run_dir)  # fmt: skip
+    out = keel(*submit, env=env)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.splitlines()[0].removeprefix("submitted ")
+    deadline = time.monotonic() + 240
+    while f"step    2/{steps}" not in keel("logs", job, "--address", address, env=env).stdout:
+        assert time.monotonic() < deadline, keel("logs", job, "--address", address, env=env).stdout[-3000:]
+        time.sleep(1)
+    stopped = keel("stop", job, "--address", address, env=env)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job}: STOPPED", stopped.stderr
+    logs = keel("logs", job, "--address", address, env=env).stdout
+    assert "SIGTERM: finishing this step" in logs, logs[-3000:]
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "run" / "checkpoints" / latest / "state.json").read_text())
+    assert 2 <= state["step"] < steps and not state["finished"]
+
+    again = keel(*submit, "--follow", env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"at step {state['step']} of {steps}" in again.stdout and "SUCCEEDED" in again.stdout
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(steps))
+
+
 def test_bad_requests_send_nothing(cluster, tmp_path):
     address, env = cluster
     bad = tmp_path / "bad.yaml"

@@ -49,6 +49,7 @@ class InFlight:
     prompts: list[Prompt]  # every prompt of the batch, in sampler order
     chunks: list[list[Prompt]]  # the share of each worker
     refs: list  # one ObjectRef per worker: its Trajectories, or (grpc) its rollout id
+    ready: list[Trajectories] | None = None  # already collected (kept for a checkpoint, or restored from one)
 
 
 class ObjectStoreRollout:
@@ -65,7 +66,7 @@ class ObjectStoreRollout:
     def collect(self, flight: InFlight) -> list[Trajectories]:
         import ray
 
-        return ray.get(flight.refs)
+        return flight.ready if flight.ready is not None else ray.get(flight.refs)
 
     def advance(self, version: int) -> None:
         pass
@@ -96,6 +97,8 @@ class GrpcRollout:
     def collect(self, flight: InFlight) -> list[Trajectories]:
         import ray
 
+        if flight.ready is not None:
+            return flight.ready
         batches = self.inbox.take(ray.get(flight.refs), self.timeout_s)
         return [with_prompts(b, c) for b, c in zip(batches, flight.chunks, strict=True)]
 

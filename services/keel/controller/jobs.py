@@ -104,7 +104,10 @@ def submit(
         runtime_env["working_dir"] = str(root)
         runtime_env["excludes"] = DEFAULT_EXCLUDES + list(runtime_env.get("excludes", []))
     job_id = new_job_id(cfg.name)
-    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "KEEL_JOB_ID": job_id}
+    # `keel stop` (the Jobs API's stop) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by
+    # default): give the run its grace period to finish the step and write a checkpoint
+    grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(int(cfg.checkpoint.stop_grace_s) + 30)}
+    runtime_env["env_vars"] = {**grace, **runtime_env.get("env_vars", {}), "KEEL_JOB_ID": job_id}
     entrypoint = f"keel train --config {shlex.quote(config_arg)}"
     if run_dir:
         entrypoint += f" --run-dir {shlex.quote(run_dir)}"

@@ -41,6 +41,7 @@ from keel.config import (
 from keel.controller.actors import remote
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
 from keel.controller.channels import Channels, InFlight, grpc_token_env, open_channels
+from keel.controller.checkpoint import RunCheckpoints, cut_metrics
 from keel.controller.heldout import HeldOut, format_eval
 from keel.controller.placement import PlacementError, in_group, place_roles, rendezvous, role_requests
 from keel.controller.replicas import ReferencePool, start_references, start_rewards
@@ -101,10 +102,14 @@ def optimizer_steps_total(cfg: RunConfig) -> int:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
+    def __init__(self, cfg: RunConfig, run_dir: Path, log=print, resume_from: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.log = log
+        self.resume_from = resume_from  # a checkpoint to continue from (keel.controller.checkpoint)
+        ck = cfg.checkpoint
+        self.checkpoints = RunCheckpoints(run_dir, ck.keep_last, ck.save_hf)
+        self.stop_requested = False  # set by a signal: checkpoint at the next step boundary and stop
         self.version = 0
         self.kl_coef = cfg.algorithm.kl.coef
         self.history: list[dict] = []
@@ -120,7 +125,7 @@ class Controller:
         self.autoscaler = Autoscaler(cfg.controller.autoscale) if cfg.controller.autoscale.enabled else None
         self._inflight: InFlight | None = None  # async: the rollout of the next step
         self._requested: int | None = None  # a scale request waiting for the in-flight rollout
-        self._launches = 0  # rollouts launched (seeds them)
+        self.launches = 0  # rollouts launched (seeds them; checkpointed)
         self._last_wait = 0.0  # how long the last step waited for its rollout
         self.stale_dropped = 0  # async batches dropped as too old
         self.prompt_log: list[list[str]] = []  # prompt ids of every trained batch, per step
@@ -143,6 +148,11 @@ class Controller:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.resume_from is not None:  # no step twice: lines after the checkpoint go
+            done = self.checkpoints.store.read_state(self.resume_from)["step"]
+            cut_metrics(
+                self.run_dir / "metrics.jsonl", lambda m: m["step"] < done or (m["step"] == done and _is_eval(m))
+            )
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
 
         tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -197,6 +207,9 @@ class Controller:
         for channel, address in self.channels.addresses.items():
             self.log(f"{channel} over gRPC: {address}")
         self._start_control()
+        if self.resume_from is not None:
+            self.checkpoints.restore(self, self.resume_from)
+            self.log(f"resuming from {self.resume_from} at step {self.version} of {cfg.controller.steps}")
 
     # ------------------------------------------------------------------ one step
 
@@ -273,8 +286,8 @@ class Controller:
         return traj
 
     def _launch(self) -> InFlight:
-        seed = sampling_seed(self.cfg) * 1_000_003 + self._launches * 10_007
-        self._launches += 1
+        seed = sampling_seed(self.cfg) * 1_000_003 + self.launches * 10_007
+        self.launches += 1
         return self.channels.rollout.launch(self.sampler.next_batch(), seed)
 
     def _collect(self, flight: InFlight) -> Trajectories:
@@ -398,7 +411,8 @@ class Controller:
             n = rollout_batch_size(self.cfg)
             self.kl_coef = adaptive_kl_coef(self.kl_coef, observed, kl.target, kl.horizon, n)
 
-    def save(self, name: str) -> Path:
+    def export_hf(self, name: str) -> Path:
+        """The policy in HF format at checkpoints/<name> (e.g. final)."""
         import ray
 
         out = self.run_dir / "checkpoints" / name
@@ -406,20 +420,57 @@ class Controller:
         return out
 
     def run(self, on_step=None) -> list[dict]:
-        ck = self.cfg.checkpoint
-        for _ in range(self.cfg.controller.steps):
+        """Steps until controller.steps are done, or a stop is requested (then: a checkpoint at the
+        step boundary, and `self.stop_requested` stays set for the caller). Checkpoints every
+        checkpoint.every_steps and at the end (keel.controller.checkpoint)."""
+        cfg, every = self.cfg, self.cfg.checkpoint.every_steps
+        while self.version < cfg.controller.steps and not self.stop_requested:
             metrics = self.step()
             if on_step:
                 on_step(metrics)
             if self.heldout is not None and self.heldout.due(self.version):
                 self.evaluate()
-            if ck.every_steps and self.version % ck.every_steps == 0:
-                self.save(f"step-{self.version}")
-                self._prune_checkpoints()
-        final = self.save("final")
-        self.log(f"saved final policy to {final}")
+            if every and self.version % every == 0 and self.version < cfg.controller.steps:
+                self.checkpoints.save(self)
+        finished = self.version >= cfg.controller.steps
+        path = self.checkpoints.save(self, finished=finished)
+        self.log(
+            f"checkpoint: {path}" + ("" if finished else f" (stopped at step {self.version}; run again to resume)")
+        )
+        if finished:
+            self.log(f"saved final policy to {self.export_hf('final')}")
         self.metrics_file.close()
         return self.history
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary, with a checkpoint (a signal handler calls it)."""
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ what checkpoints need
+
+    def park_inflight(self):
+        """async: collect the batch generated ahead for the next step (it stays ready for that step)
+        and return it for a checkpoint, as (prompt ids, per-worker batches); None when none is ahead."""
+        if self._inflight is None:
+            return None
+        if self._inflight.ready is None:
+            parts = self.channels.rollout.collect(self._inflight)
+            self._inflight = InFlight(self._inflight.prompts, self._inflight.chunks, [], ready=parts)
+        return [p.prompt_id for p in self._inflight.prompts], self._inflight.ready
+
+    def restore_rollout(self, replicas: int, ahead) -> None:
+        """After a restore: the saved number of rollout workers, all at the restored weights, and
+        (async) the batch that was generated ahead."""
+        if replicas != len(self.rollout):
+            self.pool.scale(replicas, self.channels, 0)
+        if self.version > 0:
+            timeout = self.cfg.controller.weight_sync_timeout_s
+            self.channels.weights.publish(self.learners, self.rollout, self.version, timeout)
+            self.channels.rollout.advance(self.version)
+        if ahead is not None:
+            ids, parts = ahead
+            prompts = self.sampler.by_ids(ids)
+            self._inflight = InFlight(prompts, [], [], ready=parts)
 
     def shutdown(self) -> None:
         """Stop every role actor (their resources go back to the cluster)."""
@@ -440,11 +491,7 @@ class Controller:
             remove_placement_group(pg)
         self.groups = {}
 
-    def _prune_checkpoints(self) -> None:
-        import shutil
 
-        steps = sorted(
-            (p for p in (self.run_dir / "checkpoints").glob("step-*")), key=lambda p: int(p.name.split("-")[1])
-        )
-        for old in steps[: -self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+def _is_eval(metrics: dict) -> bool:
+    """A held-out evaluation line (its step counts steps done, a training line's the step's index)."""
+    return any(k.startswith("eval/") for k in metrics)

@@ -124,8 +124,18 @@ class PromptSampler:
         return batch
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        """Where the sampler is: epoch, position, and the prompts handed back (by id)."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "returned": [p.prompt_id for p in self._returned]}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._make_order()
+        self._order = self._make_order()  # a pure function of (seed, epoch)
+        self._returned = self.by_ids(state.get("returned", []))
+
+    def by_ids(self, ids: list[str]) -> list[Prompt]:
+        """The prompts with these ids, in this order; a DataError names any the set lacks."""
+        index = {p.prompt_id: p for p in self.prompts}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise DataError(f"prompt ids {missing[:3]} are not in the prompt set (did the prompt file change?)")
+        return [index[i] for i in ids]

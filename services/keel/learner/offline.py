@@ -8,26 +8,52 @@ the exact mean over the global batch however it is split across ranks and micro-
 (DeepSpeed divides by the accumulation steps and averages over ranks; the loss is scaled back
 by both). Metrics are summed the same way and reduced over ranks.
 
-`run_offline` runs a trainer in this process (one rank) or as `trainer.replicas` Ray actors.
+Checkpoints (`checkpoint.every_steps`) go to <out>/checkpoints/ through `CheckpointStore`, atomically:
+every rank's DeepSpeed state (module, optimizer, LR schedule) and RNG states, and a state.json with
+the steps done, their epoch, a digest of the training rows and the config. The batches are a pure
+function of the seed, the epoch and the rows, so a resumed run skips the first `step` of them and
+goes on with exactly the batches and optimizer state the uninterrupted run would have had. The end
+of a run commits a checkpoint marked finished that holds only its state.json: the HF model in <out>
+is the result, and nothing continues from it.
+
+`open_run` decides where a run in an output directory starts: from its latest checkpoint, afresh,
+or not at all (finished). `run_offline` runs a trainer in this process (one rank) or as
+`trainer.replicas` Ray actors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from keel.config import OfflineRun, dump_config
+from keel.controller.checkpoint import CheckpointStore, ResumeRefused, config_differences, cut_metrics, set_aside
 from keel.data.rows import DataError, Row, read_rows, split_rows
-from keel.learner.learner import full_state_dict, init_distributed, make_engine, step_engine
+from keel.learner.learner import (
+    full_state_dict,
+    init_distributed,
+    load_engine,
+    make_engine,
+    rng_state,
+    save_engine,
+    set_rng_state,
+    step_engine,
+)
 from keel.models.loading import load_tokenizer
+
+STOP_FILE = "STOP"  # made in the output directory by `keel`'s signal handler: stop at the next step, with a checkpoint
 
 
 class OfflineTrainer(ABC):
@@ -41,6 +67,7 @@ class OfflineTrainer(ABC):
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         self.notes: list[str] = []  # what data loading did (truncated / dropped rows), for the log
         train_rows, eval_rows = self._rows()
+        self.data_digest = rows_digest(train_rows)  # a resumed run refuses rows that changed
         self.train_items = self.prepare(train_rows, "train")
         self.eval_items = self.prepare(eval_rows, "eval") if eval_rows else []
         batch = cfg.train.batch_size
@@ -48,8 +75,8 @@ class OfflineTrainer(ABC):
             raise DataError(
                 f"{cfg.data.path}: {len(self.train_items)} usable training rows, fewer than train.batch_size {batch}"
             )
-        per_epoch = len(self.train_items) // batch
-        self.total_steps = per_epoch * cfg.train.epochs
+        self.steps_per_epoch = len(self.train_items) // batch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         module = self.build_model()
@@ -94,7 +121,8 @@ class OfflineTrainer(ABC):
             self.notes.append(f"{split}: {built.truncated} truncated, {built.dropped} dropped (over {limit} tokens)")
 
     def batches(self):
-        """The global batches of every epoch, in a seeded order; the last partial batch is skipped."""
+        """The global batches of every epoch, in a seeded order; the last partial batch is skipped. A pure
+        function of the seed, the epoch and the rows: a resumed run skips those it trained on."""
         size = self.cfg.train.batch_size
         for epoch in range(self.cfg.train.epochs):
             order = list(range(len(self.train_items)))
@@ -103,42 +131,64 @@ class OfflineTrainer(ABC):
             for start in range(0, len(order) - size + 1, size):
                 yield epoch, [self.train_items[i] for i in order[start : start + size]]
 
-    def fit(self, out_dir: str | Path, log: Callable[[dict], None] | None = None) -> list[dict]:
-        """Train, evaluating as configured; rank 0 writes metrics.jsonl and the HF model to out_dir."""
+    def fit(
+        self, out_dir: str | Path, log: Callable[[dict], None] | None = None, resume: str | Path | None = None
+    ) -> list[dict]:
+        """Train from the first step, or from the checkpoint `resume` (see `open_run`), evaluating and
+        checkpointing as configured; rank 0 appends to out_dir/metrics.jsonl and writes the HF model
+        to out_dir. Returns the metrics this call recorded."""
         out = Path(out_dir)
+        store = CheckpointStore(out / "checkpoints", self.cfg.checkpoint.keep_last)
+        if resume:
+            self.load_checkpoint(Path(resume))
         history: list[dict] = []
-        metrics_file = None
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "keel_config.yaml").write_text(dump_config(self.cfg))
-            metrics_file = open(out / "metrics.jsonl", "w")
+        with open(out / "metrics.jsonl", "a") if self.rank == 0 else nullcontext() as metrics_file:
 
-        def record(m: dict) -> None:
-            history.append(m)
-            if metrics_file:
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-            if log and self.rank == 0:
-                log(m)
+            def record(m: dict) -> None:
+                history.append(m)
+                if metrics_file:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                if log and self.rank == 0:
+                    log(m)
 
-        every = self.cfg.train.eval_every
-        last_epoch = 0
-        for epoch, batch in self.batches():
-            if self.step >= self.total_steps:
-                break
-            if epoch != last_epoch and not every and self.eval_items:
-                record({"step": self.step, "epoch": last_epoch, **self.evaluate()})
-            last_epoch = epoch
-            record({"step": self.step + 1, "epoch": epoch, **self.train_step(batch)})
-            self.step += 1
-            if every and self.step % every == 0 and self.eval_items:
-                record({"step": self.step, "epoch": epoch, **self.evaluate()})
-        if self.eval_items and not (every and self.step % every == 0):
-            record({"step": self.step, "epoch": last_epoch, **self.evaluate()})
+            every = self.cfg.checkpoint.every_steps
+            # a checkpoint comes after its step's evaluation, so a resumed run repeats no metric line
+            for epoch, batch in islice(self.batches(), self.step, self.total_steps):
+                record({"step": self.step + 1, "epoch": epoch, **self.train_step(batch)})
+                self.step += 1
+                if self.eval_items and self.eval_due(self.step):
+                    record({"step": self.step, "epoch": epoch, **self.evaluate()})
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint(store)
+                if self.step < self.total_steps and self.stop_requested(out):
+                    if not (every and self.step % every == 0):
+                        self.save_checkpoint(store)
+                    return history
+            if self.eval_items and not self.eval_due(self.step):
+                record({"step": self.step, "epoch": self.epoch_of(self.step), **self.evaluate()})
         self.save(out)
-        if metrics_file:
-            metrics_file.close()
+        self.save_checkpoint(store, finished=True)
         return history
+
+    def stop_requested(self, out: Path) -> bool:
+        """Whether the command was asked to stop (out/STOP); every rank gets rank 0's answer."""
+        flag = [(out / STOP_FILE).exists() if self.rank == 0 else False]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(flag, src=0)
+        return bool(flag[0])
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the loop evaluates after `step`: every train.eval_every steps, else at each epoch's end
+        (`fit` also evaluates after the last step)."""
+        every = self.cfg.train.eval_every
+        return step % (every or self.steps_per_epoch) == 0
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch of optimizer step `step` (counted from 1)."""
+        return (step - 1) // self.steps_per_epoch
 
     def train_step(self, batch: list) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -194,17 +244,127 @@ class OfflineTrainer(ABC):
             self.engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, store: CheckpointStore, finished: bool = False) -> Path | None:
+        """Commit a checkpoint of the steps done; a collective (every rank calls it). Returns its path
+        on rank 0.
+
+        Rank 0 stages the directory and sends the other ranks its path; each rank saves into it its
+        DeepSpeed state (engine/, ZeRO shards per rank) and RNG states (rng-rank<r>.pt), and with
+        checkpoint.save_hf the model goes to hf/; rank 0 commits once every rank is done. The
+        finished run's checkpoint holds only its state.
+        """
+        state = {
+            "step": self.step,
+            "epoch": self.epoch_of(self.step),  # of the last step done; the next batch follows from step
+            "finished": finished,
+            "data": self.data_digest,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        if finished:
+            return store.commit(store.stage(self.step), self.step, state) if self.rank == 0 else None
+        where = [str(store.stage(self.step)) if self.rank == 0 else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(where, src=0)
+        staged = Path(where[0])
+        save_engine(self.engine, staged / "engine")
+        torch.save(rng_state(), staged / f"rng-rank{self.rank}.pt")
+        if self.cfg.checkpoint.save_hf:
+            self.save(staged / "hf")
+        if self.world > 1:
+            torch.distributed.barrier()
+        return store.commit(staged, self.step, state) if self.rank == 0 else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what `save_checkpoint` wrote at `path` (a collective): DeepSpeed state, RNG states, step."""
+        state = CheckpointStore.read_state(path)
+        if state["data"] != self.data_digest:
+            raise DataError(
+                f"{self.cfg.data.path}: the training rows differ from those of the checkpoint {path}, so the run "
+                "cannot continue exactly (--force-new starts over)"
+            )
+        load_engine(self.engine, path / "engine")
+        set_rng_state(torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False))
+        self.step = state["step"]
+
+
+def rows_digest(rows: list[Row]) -> str:
+    """sha256 of the rows' fields, in order."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row.fields, sort_keys=True, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
 
 def output_dir(cfg: OfflineRun, override: str | None = None) -> Path:
     return Path(override or cfg.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_offline(
-    trainer_cls: type[OfflineTrainer], cfg: OfflineRun, out: Path, log: Callable[[dict], None] | None = None
-) -> tuple[list[dict], list[str]]:
-    """Train with `trainer.replicas` ranks: in this process for one, as Ray actors for more.
+@dataclass(frozen=True)
+class Start:
+    """Where a run in an output directory begins (`open_run`)."""
 
-    Returns (rank 0's metric history, its data notes)."""
+    checkpoint: Path | None = None  # resume from it; None: from the first step
+    step: int = 0  # optimizer steps already done
+    finished: bool = False  # the run there already finished: nothing to train
+    replaced: Path | None = None  # where a previous run's files went (a fresh start over one)
+    history: list[dict] = field(default_factory=list)  # its metrics.jsonl, up to the checkpoint
+
+
+def open_run(cfg: OfflineRun, out: Path, force_new: bool = False) -> Start:
+    """Prepare `out` for a run of `cfg`, in the driver before any rank starts (the counterpart of
+    `resume_point` for `keel train`).
+
+    With checkpoint.resume on and no `force_new`, a run resumes from the latest checkpoint in `out`
+    when it was made with the same config (`config_differences`), and metrics.jsonl is cut back to
+    its step; a finished one is left as it is. Otherwise the run starts afresh, and a previous run's
+    checkpoints/, metrics.jsonl and keel_config.yaml are moved into out/replaced-<time>/, never
+    deleted. Raises ResumeRefused, naming the fields, when the configs differ; CheckpointError when
+    the checkpoint cannot be read.
+    """
+    out = Path(out)
+    (out / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier process
+    latest = CheckpointStore(out / "checkpoints", cfg.checkpoint.keep_last).latest()
+    if latest is not None and cfg.checkpoint.resume and not force_new:
+        state = CheckpointStore.read_state(latest)
+        differences = config_differences(state["config"], cfg.model_dump(mode="json"))
+        if differences:
+            raise ResumeRefused(out, differences)
+        if not state["finished"]:
+            cut_metrics(out / "metrics.jsonl", lambda m: m.get("step", 0) <= state["step"])
+        start = Start(latest, state["step"], state["finished"], history=_metrics(out))
+    else:
+        replaced = set_aside(out)
+        if replaced is not None and (out / "keel_config.yaml").exists():
+            os.rename(out / "keel_config.yaml", replaced / "keel_config.yaml")
+        start = Start(replaced=replaced)
+    if not start.finished:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "keel_config.yaml").write_text(dump_config(cfg))
+    return start
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run_offline(
+    trainer_cls: type[OfflineTrainer],
+    cfg: OfflineRun,
+    out: Path,
+    log: Callable[[dict], None] | None = None,
+    start: Start | None = None,
+) -> tuple[list[dict], list[str]]:
+    """Train with `trainer.replicas` ranks: in this process for one, as Ray actors for more, from
+    `start` (default `open_run(cfg, out)`: resume what `out` holds; a finished run trains nothing).
+
+    Returns (rank 0's metric history of the whole run, its data notes)."""
+    start = open_run(cfg, out) if start is None else start
+    if start.finished:
+        return start.history, []
+    resume = None if start.checkpoint is None else str(start.checkpoint)
     if cfg.trainer.replicas == 1:
         import torch.distributed
 
@@ -219,11 +379,14 @@ def run_offline(
         if log:
             for line in trainer.notes:
                 log({"note": line})
-        return trainer.fit(out, log), trainer.notes
-    return _run_on_ray(trainer_cls, cfg, out)
+        return start.history + trainer.fit(out, log, resume), trainer.notes
+    history, notes = _run_on_ray(trainer_cls, cfg, out, resume)
+    return start.history + history, notes
 
 
-def _run_on_ray(trainer_cls: type[OfflineTrainer], cfg: OfflineRun, out: Path) -> tuple[list[dict], list[str]]:
+def _run_on_ray(
+    trainer_cls: type[OfflineTrainer], cfg: OfflineRun, out: Path, resume: str | None
+) -> tuple[list[dict], list[str]]:
     import ray
 
     from keel.controller.actors import free_port, remote
@@ -240,7 +403,7 @@ def _run_on_ray(trainer_cls: type[OfflineTrainer], cfg: OfflineRun, out: Path) -
         env |= {"WORLD_SIZE": str(t.replicas), "LOCAL_RANK": "0"}
         ranks.append(remote(_Rank, t.resources, env, in_group(groups["trainer"], rank)).remote(trainer_cls, cfg))
     try:
-        results = ray.get([r.fit.remote(str(out)) for r in ranks])
+        results = ray.get([r.fit.remote(str(out), resume) for r in ranks])
     finally:
         from ray.util.placement_group import remove_placement_group
 
@@ -256,5 +419,5 @@ class _Rank:
     def __init__(self, trainer_cls: type[OfflineTrainer], cfg: OfflineRun):
         self.trainer = trainer_cls(cfg)
 
-    def fit(self, out: str) -> tuple[list[dict], list[str]]:
-        return self.trainer.fit(out), self.trainer.notes
+    def fit(self, out: str, resume: str | None) -> tuple[list[dict], list[str]]:
+        return self.trainer.fit(out, resume=resume), self.trainer.notes
