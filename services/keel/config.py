@@ -400,6 +400,12 @@ class ControllerConfig(Section):
     steps: PositiveInt = Field(10, description="PPO steps (rollout + update) to run.")
     prompts_per_step: PositiveInt = Field(16, description="Prompts per step; each gets rollout.sampling.n samples.")
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, description="Give up on a weight publish after this long.")
+    rollout_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="A rollout worker that has not returned its share of a batch after this long (or that died) "
+        "is replaced, and its prompts are generated again by the new one.",
+    )
     placement_timeout_s: float = Field(
         60.0, gt=0.0, description="Fail (naming the role) when a role's placement group is not ready after this long."
     )
@@ -438,6 +444,18 @@ class GrpcConfig(Section):
     weight_chunk_mb: float = Field(4.0, gt=0.0, description="Chunk size of weight streams, in MiB.")
     deadline_s: float = Field(60.0, gt=0.0, description="Per-call deadline.")
     retries: int = Field(5, ge=0, description="Retries on UNAVAILABLE, with exponential backoff and jitter.")
+    trajectory_inbox_mb: float = Field(
+        1024.0,
+        gt=0.0,
+        description="Most MiB of pushed trajectories the TrajectoryService holds until the learner takes them; "
+        "a push past it is refused (ack reason 'full: ...') and may be retried later.",
+    )
+    trajectory_pull_streams: int = Field(
+        0,
+        ge=0,
+        description="TrajectoryService.Pull streams served at once, on threads of their own, each waiting at most "
+        "deadline_s; 0 turns Pull off (UNIMPLEMENTED). Push never depends on it.",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GrpcConfig:

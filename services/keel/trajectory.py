@@ -122,16 +122,18 @@ class Trajectories:
         return Trajectories(**out)
 
     @staticmethod
-    def concat(batches: list[Trajectories], pad_token_id: int) -> Trajectories:
+    def concat(batches: list[Trajectories], pad_token_id: int, oldest_version: bool = False) -> Trajectories:
         """Join batches from several workers: prompts re-padded on the left, responses on the right.
 
-        Every batch must come from the same weight version (the sync loop's invariant).
+        Every batch must come from the same weight version (the sync loop's invariant), unless
+        `oldest_version`: then the joined batch is tagged with the oldest of them (async mode).
         """
         if not batches:
             raise ValueError("concat of no batches")
         versions = {b.weight_version for b in batches}
-        if len(versions) != 1:
+        if len(versions) != 1 and not oldest_version:
             raise ValueError(f"cannot concat trajectories from weight versions {sorted(versions)}")
+        versions = {min(versions)}
         P = max(b.prompt_tokens.shape[1] for b in batches)
         R = max(b.response_tokens.shape[1] for b in batches)
         out: dict = {"rollout_id": "+".join(b.rollout_id for b in batches), "weight_version": versions.pop()}

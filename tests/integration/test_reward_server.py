@@ -4,6 +4,7 @@ reflection, health, and graceful shutdown of the `keel serve reward` process."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,3 +199,109 @@ def test_aio_server_demands_the_token_and_bounds_message_size(server, monkeypatc
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert RewardClient(GrpcConfig(), address).score(["p"], ["abcd"]).tolist() == [4.0]
+
+
+# --------------------------------------------------------------------------- hostile callers
+
+
+@pytest.mark.parametrize(
+    "function, bad_sample",
+    [
+        ("keel.reward.rules:arithmetic", {"prompt": "2+2=", "response": "4", "metadata": {}}),  # ValueError
+        ("slow_reward:nan_on_bad", {"prompt": "2+2=", "response": "bad", "metadata": {"answer": "4"}}),  # NaN
+    ],
+)
+def test_a_bad_caller_fails_alone_naming_only_its_own_sample(server, function, bad_sample):
+    running = server(_server_cfg(function, max_batch_size=256, max_wait_ms=200))
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    callers, bad = 30, {3, 11, 24}
+    start = threading.Barrier(callers)  # all at once, so that good and bad requests share a batch
+
+    def call(k):
+        good = {"prompt": "2+2=", "response": "4", "metadata": {"answer": "4"}}
+        samples = [
+            reward_pb2.ScoreSample(sample_id=f"c{k}-s{j}", **(bad_sample if k in bad and j == 1 else good))
+            for j in range(3)
+        ]
+        start.wait()
+        try:
+            return list(stub.Score(reward_pb2.ScoreRequest(request_id=f"c{k}", samples=samples), timeout=30).scores)
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+
+    with ThreadPoolExecutor(callers) as pool:
+        results = list(pool.map(call, range(callers)))
+    for k, result in enumerate(results):
+        if k not in bad:
+            assert result == [1.0, 1.0, 1.0], (k, result)
+            continue
+        code, details = result
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (k, details)
+        assert f"sample c{k}-s1 (row 1)" in details
+        assert set(re.findall(r"c(\d+)-s\d+", details)) == {str(k)}, details  # no other caller's ids
+
+
+def test_undecodable_request_is_invalid_argument(server):
+    running = server(_server_cfg())
+    score = grpc.insecure_channel(f"127.0.0.1:{running.port}").unary_unary("/keel.v1.RewardService/Score")
+    not_utf8 = b"\x1a\x01\xff"  # ScoreSample.response = b"\xff": a string that is not UTF-8
+    for payload in (b"\xff\xff\xff\xff", b"\x12" + bytes([len(not_utf8)]) + not_utf8):
+        with pytest.raises(grpc.RpcError) as info:
+            score(payload, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "request: the bytes are not a valid keel.v1.ScoreRequest"
+    # and the server keeps serving
+    reply = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{running.port}")).Score(
+        reward_pb2.ScoreRequest(samples=[reward_pb2.ScoreSample(response="abc")]), timeout=10
+    )
+    assert list(reply.scores) == [3.0]
+
+
+HUNG_REWARD = """
+import pathlib, threading
+
+def hang(prompts, responses, metadata, started):
+    pathlib.Path(started).touch()
+    threading.Event().wait()  # never returns
+"""
+
+
+def test_serve_reward_cli_with_a_hung_scorer_exits_within_grace_of_sigterm(tmp_path):
+    (tmp_path / "hung_reward.py").write_text(HUNG_REWARD)
+    started = tmp_path / "started"
+    config = tmp_path / "reward.yaml"
+    port, grace_s = free_port(), 1.0
+    source = {"type": "function", "function": "hung_reward:hang", "kwargs": {"started": str(started)}}
+    config.write_text(
+        yaml.safe_dump({"reward": {"source": source}, "grpc": {"auth": False}, "port": port, "grace_s": grace_s})
+    )
+    keel = shutil.which("keel", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [keel, "serve", "reward", "--config", str(config)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "reward server on 127.0.0.1:" in proc.stdout.readline()
+        stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        request = reward_pb2.ScoreRequest(samples=[reward_pb2.ScoreSample(response="x")])
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stub.Score, request, timeout=30)
+            deadline = time.monotonic() + 20
+            while not started.exists():  # the scorer is now stuck
+                assert time.monotonic() < deadline, "the scorer was never called"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            try:
+                proc.wait(timeout=grace_s + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                pytest.fail("keel serve reward did not exit after SIGTERM")
+            took = time.monotonic() - sent
+            with pytest.raises(grpc.RpcError):
+                pending.result(timeout=10)  # the stuck call ends with an error, not a score
+        assert proc.returncode == 0
+        assert took <= grace_s + 1.0, f"exited {took:.2f}s after SIGTERM (grace {grace_s}s)"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

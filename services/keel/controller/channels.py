@@ -50,6 +50,15 @@ class InFlight:
     chunks: list[list[Prompt]]  # the share of each worker
     refs: list  # one ObjectRef per worker: its Trajectories, or (grpc) its rollout id
     ready: list[Trajectories] | None = None  # already collected (kept for a checkpoint, or restored from one)
+    workers: list = field(default_factory=list)  # the actor each chunk went to (a replacement takes its place)
+    seed: int = 0  # the launch seed; chunk i samples with seed + 101 i, wherever it runs
+
+
+def launch_chunks(workers: list, prompts: list[Prompt], seed: int, dispatch) -> InFlight:
+    """Split `prompts` over `workers` and start each chunk with `dispatch(worker, chunk, seed, i)`."""
+    chunks = split(prompts, len(workers))
+    refs = [dispatch(w, c, seed, i) for i, (w, c) in enumerate(zip(workers, chunks, strict=True))]
+    return InFlight(prompts, chunks, refs, workers=list(workers), seed=seed)
 
 
 class ObjectStoreRollout:
@@ -59,14 +68,16 @@ class ObjectStoreRollout:
         self.workers = workers
 
     def launch(self, prompts: list[Prompt], seed: int) -> InFlight:
-        chunks = split(prompts, len(self.workers))
-        refs = [w.generate.remote(c, seed + i * 101) for i, (w, c) in enumerate(zip(self.workers, chunks, strict=True))]
-        return InFlight(prompts, chunks, refs)
+        return launch_chunks(self.workers, prompts, seed, self.dispatch)
 
-    def collect(self, flight: InFlight) -> list[Trajectories]:
+    @staticmethod
+    def dispatch(worker, chunk: list[Prompt], seed: int, index: int):
+        return worker.generate.remote(chunk, seed + index * 101)
+
+    def result(self, flight: InFlight, index: int, ref, timeout_s: float) -> Trajectories:
         import ray
 
-        return flight.ready if flight.ready is not None else ray.get(flight.refs)
+        return ray.get(ref, timeout=timeout_s)
 
     def advance(self, version: int) -> None:
         pass
@@ -78,29 +89,28 @@ class ObjectStoreRollout:
 class GrpcRollout:
     """Workers push to this process's TrajectoryService; the batches are taken from its inbox."""
 
-    def __init__(self, workers: list, grpc_cfg: GrpcConfig, max_staleness: int):
+    def __init__(self, workers: list, grpc_cfg: GrpcConfig, max_staleness: int, vocab_size: int | None = None):
         from keel.transport.trajectories import TrajectoryInbox, TrajectoryServer
 
         self.workers = workers
         self.inbox = TrajectoryInbox(max_staleness)
-        self.server = TrajectoryServer(self.inbox, grpc_cfg)
+        # token ids past the policy's vocabulary are refused at decode, naming the field
+        self.server = TrajectoryServer(self.inbox, grpc_cfg, vocab_size)
         self.timeout_s = grpc_cfg.deadline_s
 
     def launch(self, prompts: list[Prompt], seed: int) -> InFlight:
-        chunks = split(prompts, len(self.workers))
-        refs = [
-            w.generate_and_push.remote(c, seed + i * 101)
-            for i, (w, c) in enumerate(zip(self.workers, chunks, strict=True))
-        ]
-        return InFlight(prompts, chunks, refs)
+        return launch_chunks(self.workers, prompts, seed, self.dispatch)
 
-    def collect(self, flight: InFlight) -> list[Trajectories]:
+    @staticmethod
+    def dispatch(worker, chunk: list[Prompt], seed: int, index: int):
+        return worker.generate_and_push.remote(chunk, seed + index * 101)
+
+    def result(self, flight: InFlight, index: int, ref, timeout_s: float) -> Trajectories:
+        """The batch a chunk's worker pushed: its rollout id comes back as the call's result."""
         import ray
 
-        if flight.ready is not None:
-            return flight.ready
-        batches = self.inbox.take(ray.get(flight.refs), self.timeout_s)
-        return [with_prompts(b, c) for b, c in zip(batches, flight.chunks, strict=True)]
+        [batch] = self.inbox.take([ray.get(ref, timeout=timeout_s)], self.timeout_s)
+        return with_prompts(batch, flight.chunks[index])
 
     def advance(self, version: int) -> None:
         self.inbox.set_version(version)
@@ -167,14 +177,16 @@ class ObjectStoreWeights:
     def __init__(self):
         self.latest = None  # ObjectRef of the last published weights, kept for workers added later
 
-    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> dict[str, float]:
+    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> tuple[dict[str, float], list]:
+        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer)."""
         import ray
 
         # every rank takes part (a collective under ZeRO-3); rank 0's copy goes to the store once
         exports = [lr.export_weights.remote() for lr in learners]
-        ray.get([w.update_weights.remote(exports[0], version) for w in workers] + exports[1:], timeout=timeout_s)
         self.latest = exports[0]
-        return {}
+        updates = [w.update_weights.remote(exports[0], version) for w in workers]
+        ray.get(exports, timeout=timeout_s)
+        return {}, settle(workers, updates, timeout_s)
 
     def catch_up(self, worker, version: int, timeout_s: float) -> None:
         """Bring a new worker to the current version before it gets prompts."""
@@ -185,12 +197,35 @@ class ObjectStoreWeights:
 
 
 class GrpcWeights:
-    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> dict[str, float]:
+    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> tuple[dict[str, float], list]:
+        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer)."""
         import ray
 
         published = ray.get([lr.publish_weights.remote(version) for lr in learners], timeout=timeout_s)[0]
-        ray.get([w.pull_weights.remote(version) for w in workers], timeout=timeout_s)
-        return {"weight_sync/bytes": float(published["bytes"])}
+        lost = settle(workers, [w.pull_weights.remote(version) for w in workers], timeout_s)
+        return {"weight_sync/bytes": float(published["bytes"])}, lost
+
+
+def settle(workers: list, refs: list, timeout_s: float) -> list:
+    """Wait for one call per worker; returns the workers that are gone or gave no answer within
+    `timeout_s` (the supervisor replaces them). Any other error raises."""
+    import ray
+
+    from keel.controller.supervisor import actor_lost
+
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    lost = []
+    for worker, ref in zip(workers, refs, strict=True):
+        if ref not in ready:
+            lost.append(worker)
+            continue
+        try:
+            ray.get(ref)
+        except Exception as err:
+            if not actor_lost(err):
+                raise
+            lost.append(worker)
+    return lost
 
     def catch_up(self, worker, version: int, timeout_s: float) -> None:
         import ray
@@ -232,7 +267,10 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actors: 
 
     rollout = ObjectStoreRollout(workers)
     if t.trajectories == "grpc":
-        rollout = GrpcRollout(workers, grpc_cfg, cfg.controller.max_staleness)
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(cfg.model.policy, trust_remote_code=cfg.model.trust_remote_code).vocab_size
+        rollout = GrpcRollout(workers, grpc_cfg, cfg.controller.max_staleness, vocab)
         addresses["trajectories"] = rollout.server.address
 
     weights = ObjectStoreWeights()

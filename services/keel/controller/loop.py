@@ -47,6 +47,7 @@ from keel.controller.placement import PlacementError, in_group, place_roles, ren
 from keel.controller.replicas import ReferencePool, start_references, start_rewards
 from keel.controller.rollout_pool import RolloutPool
 from keel.controller.scaling import Autoscaler
+from keel.controller.supervisor import RolloutSupervisor
 from keel.trajectory import Trajectories
 
 
@@ -175,6 +176,7 @@ class Controller:
 
         rollout_env = {**grpc_env, **thread_env(cfg.rollout.threads)}
         self.pool = RolloutPool(cfg, self.groups["rollout"], rollout_env)
+        self.supervisor = RolloutSupervisor(self.pool, cfg.controller, log=self.log)
         self.rewards = start_rewards(cfg, self.groups.get("reward"), grpc_env, largest_batch)
         if cfg.reference.enabled:
             self.reference = start_references(cfg, self.groups["reference"], logprob_temperature(cfg))
@@ -252,9 +254,7 @@ class Controller:
 
         # 5. publish weights v+1 to every rollout worker; each applies it all-or-nothing
         new_version = self.version + 1
-        sync = self.channels.weights.publish(
-            self.learners, self.rollout, new_version, cfg.controller.weight_sync_timeout_s
-        )
+        sync = self.supervisor.publish(self.channels, self.learners, new_version)
         self.channels.rollout.advance(new_version)
         timer.lap("weight_sync")
 
@@ -292,9 +292,11 @@ class Controller:
 
     def _collect(self, flight: InFlight) -> Trajectories:
         t0 = time.perf_counter()
-        parts = self.channels.rollout.collect(flight)
+        parts = self.supervisor.collect(flight, self.channels, self.version, self.version)
         self._last_wait = time.perf_counter() - t0
-        traj = Trajectories.concat(parts, self.pad_token_id)
+        # async: a lost worker's prompts, made again by its replacement at newer weights, join the batch
+        # tagged with the oldest version (staleness is judged by it; each sample keeps its own log-probs)
+        traj = Trajectories.concat(parts, self.pad_token_id, oldest_version=self._async)
         if not self._async:
             if traj.weight_version != self.version:
                 raise VersionMismatch(f"step {self.version}: trajectories came from weights v{traj.weight_version}")
@@ -340,6 +342,7 @@ class Controller:
 
     def _rollout_metrics(self, traj: Trajectories) -> dict[str, float]:
         return {
+            "rollout/restarts": float(self.supervisor.restarts),
             "rollout/workers": float(len(self.rollout)),
             "rollout/wait_s": self._last_wait,
             "rollout/staleness": float(self.version - traj.weight_version),
@@ -454,7 +457,7 @@ class Controller:
         if self._inflight is None:
             return None
         if self._inflight.ready is None:
-            parts = self.channels.rollout.collect(self._inflight)
+            parts = self.supervisor.collect(self._inflight, self.channels, self.version, self.version)
             self._inflight = InFlight(self._inflight.prompts, self._inflight.chunks, [], ready=parts)
         return [p.prompt_id for p in self._inflight.prompts], self._inflight.ready
 
@@ -464,8 +467,7 @@ class Controller:
         if replicas != len(self.rollout):
             self.pool.scale(replicas, self.channels, 0)
         if self.version > 0:
-            timeout = self.cfg.controller.weight_sync_timeout_s
-            self.channels.weights.publish(self.learners, self.rollout, self.version, timeout)
+            self.supervisor.publish(self.channels, self.learners, self.version)
             self.channels.rollout.advance(self.version)
         if ahead is not None:
             ids, parts = ahead

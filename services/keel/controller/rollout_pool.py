@@ -99,6 +99,20 @@ class RolloutPool:
             ray.kill(self.workers.pop())
             self._release(self._slots.pop())
 
+    def replace(self, worker, channels, version: int):
+        """Kill `worker` (lost or hung) and start another in its placement bundle, connected and at
+        weight `version`, before it gets prompts; returns the new actor."""
+        import ray
+
+        index = next(i for i, w in enumerate(self.workers) if w is worker)
+        ray.kill(worker, no_restart=True)
+        new = self._new_worker(self._slots[index])
+        ray.get(new.ready.remote(), timeout=self.cfg.controller.placement_timeout_s)
+        channels.connect(new, self.cfg.transport.grpc)
+        channels.weights.catch_up(new, version, self.cfg.controller.weight_sync_timeout_s)
+        self.workers[index] = new
+        return new
+
     def shutdown(self) -> None:
         import ray
 

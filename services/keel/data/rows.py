@@ -8,6 +8,7 @@ for prompts, SFT examples and preference pairs.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,12 @@ class Row:
         return value
 
     def number(self, name: str) -> float:
+        """A finite number field; JSON's NaN and Infinity (which `json` reads) are DataErrors."""
         value = self.fields.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise DataError(f"{self.where}: field {name!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise DataError(f"{self.where}: field {name!r} must be a finite number, got {value!r}")
         return float(value)
 
 
@@ -50,11 +54,16 @@ def read_rows(path: str, format: str = "jsonl") -> list[Row]:
         return _read_hf(path)
     rows = []
     try:
-        with open(path) as f:
-            for lineno, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # bytes: a bad byte is named by its line, not by the chunk it was read in
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    bad = f"{err.reason}: byte {raw[err.start]:#04x} at column {err.start + 1}"  # columns in bytes
+                    raise DataError(f"{where}: not valid UTF-8 ({bad})") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     fields = json.loads(line)
                 except json.JSONDecodeError as err:

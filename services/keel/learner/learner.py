@@ -116,11 +116,15 @@ def make_engine(
     optimizer steps; `mini_batch` samples per optimizer step over all ranks."""
     import deepspeed
 
+    from keel.learner import ds_ops
+
+    config = deepspeed_config(trainer, opt, dtype, world_size, mini_batch)
+    ds_ops.load_ops([ds_ops.optimizer_op(config)])  # built here, where a killed build's lock cannot hang us
     schedule = lr_lambda(opt, steps)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=deepspeed_config(trainer, opt, dtype, world_size, mini_batch),
+        config=config,
         # stepped by engine.step() at each gradient-accumulation boundary
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
@@ -130,6 +134,11 @@ def make_engine(
 def init_distributed(backend: str) -> tuple[int, int]:
     import deepspeed
 
+    from keel.learner import ds_ops
+
+    # DeepSpeed's comm backend loads its comm op (deepspeed.initialize starts the backend too when
+    # torch.distributed was set up elsewhere); loaded first here, a dead build's lock cannot hang it
+    ds_ops.load_ops([ds_ops.COMM_OP])
     for key, default in {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29500",

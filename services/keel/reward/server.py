@@ -3,9 +3,12 @@
 Requests from concurrent callers are batched dynamically: the batcher takes whatever is
 queued, up to `max_batch_size` samples, waiting at most `max_wait_ms` for more, scores the
 lot in one call on a scoring thread (so the event loop keeps accepting calls), and hands each
-caller its slice. Concurrency is bounded by the server (RESOURCE_EXHAUSTED past
-`max_concurrency` in-flight calls). SIGTERM marks the server NOT_SERVING, lets in-flight
-requests finish within `grace_s`, then exits.
+caller its slice. Callers are isolated: when a grouped call fails, each request is scored again
+on its own, so one caller's bad sample fails that caller alone (INVALID_ARGUMENT naming its
+sample) and never shows another caller's ids. Concurrency is bounded by the server
+(RESOURCE_EXHAUSTED past `max_concurrency` in-flight calls). SIGTERM marks the server
+NOT_SERVING, lets in-flight requests finish within `grace_s`, then exits, even when the scorer
+never returns.
 
 `RewardServer` is the server itself (its coroutines run on one event loop); `start_reward_server`
 runs one on a background thread for in-process use (the job's own reward role, tests, benchmarks).
@@ -14,9 +17,12 @@ runs one on a background thread for in-process use (the job's own reward role, t
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
@@ -52,6 +58,46 @@ class _Job:
     ids: list[str]
     future: asyncio.Future
 
+    def rows(self, stop: int) -> tuple[list, list, list, list]:
+        """The first `stop` samples, as the scorer's four arguments."""
+        return self.prompts[:stop], self.responses[:stop], self.metadata[:stop], self.ids[:stop]
+
+
+# A reward function that raises these on a sample is refusing the caller's input: the caller's error.
+CALLER_ERRORS = (ValueError, KeyError)
+
+
+class ScoringThread:
+    """The one thread that calls the scorer (the model is called by one caller at a time).
+
+    A daemon thread rather than a ThreadPoolExecutor: the interpreter joins an executor's threads
+    at exit, so a scorer that never returns would keep a stopped server's process alive forever.
+    """
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="reward-score", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Exit after the call in progress (if it ever returns)."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting coroutine
+                future.set_exception(err)
+
 
 class DynamicBatcher:
     """Groups concurrent scoring jobs into batches of at most `max_batch_size` samples (a larger
@@ -61,10 +107,10 @@ class DynamicBatcher:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.batches = 0  # how many model calls were made (for tests and metrics)
+        self.batches = 0  # how many scorer calls were made (for tests and metrics)
+        self.abandoned = False  # close() gave up on a scorer call that did not return
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        # One scoring thread: the model is called by one caller at a time.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-score")
+        self._thread = ScoringThread()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def score(self, prompts, responses, metadata, ids) -> list[float]:
@@ -72,11 +118,20 @@ class DynamicBatcher:
         await self._queue.put(job)
         return await job.future
 
-    async def close(self) -> None:
-        """Score what is queued, then stop."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Score what is queued, then stop. After `timeout_s` a scorer that has not returned is
+        abandoned (`abandoned` turns True): its callers get an error and its (daemon) thread is
+        left to the process's exit."""
         await self._queue.put(None)
-        await self._task
-        self._executor.shutdown(wait=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except asyncio.TimeoutError:
+            self.abandoned = True
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            while not self._queue.empty():
+                _fail([self._queue.get_nowait()], RuntimeError("reward server stopped"))
+        self._thread.stop()
 
     async def _loop(self) -> None:
         carry: _Job | None = None  # a job that did not fit the last batch starts the next one
@@ -85,48 +140,103 @@ class DynamicBatcher:
             carry = None
             if job is None:
                 return
-            jobs, size, stop = [job], len(job.prompts), False
-            deadline = time.monotonic() + self.max_wait_s
-            while size < self.max_batch_size:
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                if size + len(nxt.prompts) > self.max_batch_size:
-                    carry = nxt
-                    break
-                jobs.append(nxt)
-                size += len(nxt.prompts)
-            await self._score(jobs)
+            jobs = [job]
+            try:
+                carry, stop = await self._gather(jobs)
+                await self._score(jobs)
+            except asyncio.CancelledError:  # close() gave up on a scorer that does not return
+                _fail([*jobs, carry], RuntimeError("reward server stopped"))
+                raise
             if stop:
                 return
+
+    async def _gather(self, jobs: list[_Job]) -> tuple[_Job | None, bool]:
+        """Add queued jobs to `jobs` up to `max_batch_size` samples, waiting at most `max_wait_s`;
+        returns (the job that did not fit, if any; whether close() was asked for)."""
+        size = sum(len(j.prompts) for j in jobs)
+        deadline = time.monotonic() + self.max_wait_s
+        while size < self.max_batch_size:
+            try:
+                nxt = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if nxt is None:
+                return None, True
+            if size + len(nxt.prompts) > self.max_batch_size:
+                return nxt, False
+            jobs.append(nxt)
+            size += len(nxt.prompts)
+        return None, False
+
+    async def _call(self, prompts, responses, metadata, ids) -> list[float]:
+        self.batches += 1
+        future = self._thread.submit(self.model.score, prompts, responses, metadata, ids)
+        return (await asyncio.wrap_future(future)).tolist()
 
     async def _score(self, jobs: list[_Job]) -> None:
         jobs = [j for j in jobs if not j.future.done()]  # a caller whose deadline passed is gone
         if not jobs:
             return
-        flat = [
-            (p, r, m, i) for j in jobs for p, r, m, i in zip(j.prompts, j.responses, j.metadata, j.ids, strict=True)
-        ]
-        prompts, responses, metadata, ids = (list(x) for x in zip(*flat, strict=True))
-        self.batches += 1
-        loop = asyncio.get_running_loop()
+        columns = [[x for j in jobs for x in getattr(j, f)] for f in ("prompts", "responses", "metadata", "ids")]
         try:
-            scores = await loop.run_in_executor(self._executor, self.model.score, prompts, responses, metadata, ids)
-        except Exception as err:  # noqa: BLE001 - every waiting caller gets the error
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(err)
+            values = await self._call(*columns)
+        except Exception as err:  # noqa: BLE001 - isolated below: each caller gets its own outcome
+            if len(jobs) == 1:
+                await self._refuse(jobs[0], err)
+            else:
+                # One bad request must not fail the others, nor show them its ids: score each alone.
+                for j in jobs:
+                    await self._score_alone(j)
             return
-        values = scores.tolist()
         start = 0
         for j in jobs:
             if not j.future.done():
                 j.future.set_result(values[start : start + len(j.prompts)])
             start += len(j.prompts)
+
+    async def _score_alone(self, job: _Job) -> None:
+        if job.future.done():
+            return
+        try:
+            values = await self._call(*job.rows(len(job.prompts)))
+        except Exception as err:  # noqa: BLE001 - the error is this caller's alone
+            await self._refuse(job, err)
+            return
+        if not job.future.done():
+            job.future.set_result(values)
+
+    async def _refuse(self, job: _Job, err: Exception) -> None:
+        """Fail `job` (scored alone) with `err`, made to name the caller's bad sample.
+
+        A RewardError already names it. A reward function's ValueError or KeyError is the caller's
+        error (INVALID_ARGUMENT): the first failing sample is found by bisecting on prefixes of the
+        request, each scored alone, and named. Anything else stays the server's error (INTERNAL).
+        """
+        if isinstance(err, CALLER_ERRORS) and not isinstance(err, RewardError):
+            row = await self._first_bad_row(job)
+            name = f"sample {job.ids[row]} (row {row})"
+            err = RewardError(f"{name}: reward {self.model.name} failed: {type(err).__name__}: {err}")
+        if not job.future.done():
+            job.future.set_exception(err)
+
+    async def _first_bad_row(self, job: _Job) -> int:
+        """The row whose addition makes a prefix of the (failing) request fail: log2(n) scorer calls."""
+        good, bad = 0, len(job.prompts)  # the first `good` rows score; the first `bad` rows fail
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            try:
+                await self._call(*job.rows(mid))
+            except Exception:  # noqa: BLE001 - a failing prefix: the bad row is in it
+                bad = mid
+            else:
+                good = mid
+        return bad - 1
+
+
+def _fail(jobs: list[_Job], err: Exception) -> None:
+    for j in jobs:
+        if j is not None and not j.future.done():
+            j.future.set_exception(err)
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -181,14 +291,14 @@ class RewardServer:
         from grpc_health.v1.health import aio as health_aio
         from grpc_reflection.v1alpha import reflection
 
-        from keel.transport.security import make_aio_server
+        from keel.transport.security import add_servicer, make_aio_server
 
         cfg = self.cfg
         model = RewardModel(cfg.reward)
         self.batcher = DynamicBatcher(model, cfg.max_batch_size, cfg.max_wait_ms)
         self._server, self.port = make_aio_server(cfg.grpc, cfg.port, max_concurrency=cfg.max_concurrency)
         servicer = RewardServicer(self.batcher, model.name, cfg.max_request_samples)
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, self._server)
+        add_servicer(self._server, reward_pb2.DESCRIPTOR.services_by_name["RewardService"], servicer)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], self._server)
@@ -199,13 +309,20 @@ class RewardServer:
         return self.port
 
     async def stop(self, grace_s: float) -> None:
-        """NOT_SERVING for new health checks, finish in-flight calls (up to grace_s), then stop."""
+        """NOT_SERVING for new health checks, finish in-flight calls (up to grace_s), then stop.
+        A scorer still running when grace_s is up is abandoned, so stopping never hangs on it."""
+        deadline = time.monotonic() + grace_s
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
-        await self.batcher.close()
+        await self.batcher.close(max(0.0, deadline - time.monotonic()))
 
     async def serve_until_signal(self, on_ready=None) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully (what `keel serve reward` runs)."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully (what `keel serve reward` runs).
+
+        When a scorer call outlived grace_s, the process exits here (os._exit) instead of returning:
+        the call still runs on its thread, and interpreter teardown would wait behind it (or hang for
+        good on one that holds the GIL), and the caller asked for an exit within grace_s.
+        """
         import signal
 
         port = await self.start()
@@ -218,6 +335,10 @@ class RewardServer:
         await stop.wait()
         print("shutting down: finishing in-flight requests", flush=True)
         await self.stop(self.cfg.grace_s)
+        if self.batcher.abandoned:
+            print(f"a scorer call did not return within grace_s ({self.cfg.grace_s}s); exiting without it", flush=True)
+            sys.stderr.flush()
+            os._exit(0)
 
 
 class RunningRewardServer:

@@ -56,7 +56,11 @@ def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[i
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     writable = data if isinstance(data, bytearray) else bytearray(data)
-    return torch.frombuffer(writable, dtype=torch.uint8).view(dtype).reshape(shape)
+    raw = torch.frombuffer(writable, dtype=torch.uint8)
+    if dtype == torch.bool and (raw > 1).any():  # torch would read such a byte as a True unequal to True
+        i = int((raw > 1).nonzero()[0])
+        raise DecodeError(f"{field}: byte {int(raw[i])} at element {i} is not a bool (0 or 1)")
+    return raw.view(dtype).reshape(shape)
 
 
 def tensor_from_proto(msg: tensor_pb2.Tensor, field: str) -> torch.Tensor:
@@ -84,8 +88,11 @@ def trajectories_to_proto(
     )
 
 
-def trajectories_from_proto(msg: trajectory_pb2.TrajectoryBatch, prompts: list[str] | None = None) -> Trajectories:
-    """Decode and check a pushed batch: dtypes, shapes that agree, ids present."""
+def trajectories_from_proto(
+    msg: trajectory_pb2.TrajectoryBatch, prompts: list[str] | None = None, vocab_size: int | None = None
+) -> Trajectories:
+    """Decode and check a pushed batch: dtypes, shapes that agree, at least one sample, ids
+    present, token ids in [0, vocab_size) (only >= 0 when vocab_size is None), finite log-probs."""
     expect = {
         "prompt_tokens": torch.int32,
         "prompt_mask": torch.bool,
@@ -106,6 +113,15 @@ def trajectories_from_proto(msg: trajectory_pb2.TrajectoryBatch, prompts: list[s
     if not msg.rollout_id:
         raise DecodeError("rollout_id: empty")
     B = tensors["response_tokens"].shape[0]
+    if B == 0:
+        raise DecodeError("response_tokens: empty batch (0 samples)")
+    for name in ("prompt_tokens", "response_tokens"):  # padding included: every position is embedded
+        _check_token_ids(tensors[name], name, vocab_size)
+    finite = torch.isfinite(tensors["behaviour_logprobs"])
+    if not finite.all():
+        where = (~finite).nonzero()[0].tolist()
+        value = tensors["behaviour_logprobs"][tuple(where)].item()
+        raise DecodeError(f"behaviour_logprobs: {value} at {where} is not finite")
     responses = list(msg.response_texts) or [""] * B
     try:
         return Trajectories(
@@ -123,3 +139,15 @@ def trajectories_from_proto(msg: trajectory_pb2.TrajectoryBatch, prompts: list[s
         )
     except ValueError as err:  # Trajectories.validate names the field that disagrees
         raise DecodeError(str(err).removeprefix("trajectories.")) from None
+
+
+def _check_token_ids(tokens: torch.Tensor, field: str, vocab_size: int | None) -> None:
+    """(B, T) ids: none negative, none at or past vocab_size (an embedding lookup would fail)."""
+    if tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    bad = low if low < 0 else high if vocab_size is not None and high >= vocab_size else None
+    if bad is not None:
+        where = (tokens == bad).nonzero()[0].tolist()
+        vocab = f"[0, {vocab_size})" if vocab_size is not None else "[0, ...)"
+        raise DecodeError(f"{field}: token id {bad} at {where} is outside the vocabulary {vocab}")

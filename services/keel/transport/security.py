@@ -1,5 +1,6 @@
 """What every Keel gRPC server and client shares: loopback by default, a bearer token on every
-call, optional TLS, bounded message sizes.
+call, optional TLS, bounded message sizes, and INVALID_ARGUMENT for a request whose bytes do not
+parse (`add_servicer`).
 
 The token comes from an environment variable or a file, never from the command line (where
 `ps` would show it). Health checks (`grpc.health.v1.Health`) answer without a token so that
@@ -14,6 +15,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from keel.config import GrpcConfig
 
@@ -170,6 +173,74 @@ def make_aio_server(cfg: GrpcConfig, port: int = 0, max_concurrency: int | None 
     return server, _bind(server, cfg, port)
 
 
+class Unparsed:
+    """Stands in for a request whose bytes did not parse, until the handler refuses it."""
+
+    def __init__(self, type_name: str):
+        self.details = f"request: the bytes are not a valid {type_name}"
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            return Unparsed(message_cls.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _refuse_unparsed_sync(behavior, request_streaming: bool):
+    def check(request, context):
+        if isinstance(request, Unparsed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        return request
+
+    if request_streaming:
+        return lambda requests, context: behavior((check(r, context) for r in requests), context)
+    return lambda request, context: behavior(check(request, context), context)
+
+
+def _refuse_unparsed_aio(behavior):
+    async def unary(request, context):
+        if isinstance(request, Unparsed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        return await behavior(request, context)
+
+    return unary
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(server, service, servicer) -> None:
+    """Register `servicer` for `service` (a protobuf ServiceDescriptor) as the generated
+    `add_*Servicer_to_server` does, except that a request whose bytes do not parse (a malformed
+    message, invalid UTF-8 in a string) is answered with INVALID_ARGUMENT naming its type; grpc's
+    own answer is UNKNOWN or INTERNAL with a Python class name. On grpc.aio servers only unary
+    methods are supported (all the aio services here are)."""
+    aio = isinstance(server, grpc.aio.Server)
+    handlers = {}
+    for method in service.methods:
+        kind = (method.client_streaming, method.server_streaming)
+        behavior = getattr(servicer, method.name)
+        if aio and kind != (False, False):
+            raise NotImplementedError(f"add_servicer: {method.full_name} streams; only unary aio methods are supported")
+        guarded = _refuse_unparsed_aio(behavior) if aio else _refuse_unparsed_sync(behavior, method.client_streaming)
+        handlers[method.name] = _HANDLERS[kind](
+            guarded,
+            request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def advertised_address(cfg: GrpcConfig, port: int) -> str:
     """host:port other processes dial to reach a server bound here: cfg.advertise_host, or cfg.host,
     or (when bound to every interface) this node's IP as Ray sees it."""
@@ -219,13 +290,13 @@ class GrpcClient:
         self._channel.close()
 
 
-def serve(cfg: GrpcConfig, port: int, add_servicer) -> tuple[grpc.Server, int, str]:
-    """A started sync server with auth/TLS/limits, grpc health, and `add_servicer(server)` applied;
-    returns (server, bound port, the address other processes dial)."""
+def serve(cfg: GrpcConfig, port: int, add, max_workers: int = 8) -> tuple[grpc.Server, int, str]:
+    """A started sync server with auth/TLS/limits, grpc health, `max_workers` handler threads and
+    `add(server)` applied; returns (server, bound port, the address other processes dial)."""
     from grpc_health.v1 import health, health_pb2_grpc
 
-    server, bound = make_server(cfg, port)
-    add_servicer(server)
+    server, bound = make_server(cfg, port, max_workers)
+    add(server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.start()
     return server, bound, advertised_address(cfg, bound)

@@ -5,14 +5,18 @@ The learner side keeps the last few published versions (`WeightStore`) and serve
 sha256 per tensor), then chunks (each with a CRC-32), then an explicit finish. `fetch_weights`
 checks all of it and returns tensors only when every byte arrived intact, so the caller's
 update is all-or-nothing: any problem raises `WeightFetchError` and nothing is applied.
+The manifest is checked before anything is allocated for it (`check_manifest`): a sender cannot
+make the receiver reserve memory its model does not need.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -21,9 +25,12 @@ import torch
 from keel.config import GrpcConfig
 from keel.transport.codec import PROTO_TO_TORCH, TORCH_TO_PROTO, DecodeError, tensor_bytes, tensor_from_bytes
 from keel.transport.pb import weights_pb2, weights_pb2_grpc
-from keel.transport.security import GrpcClient
+from keel.transport.security import GrpcClient, add_servicer
 
 CHECKSUM = "sha256"
+SERVICE = weights_pb2.DESCRIPTOR.services_by_name["WeightService"]
+# What a receiver expects: tensor name -> (shape, dtype), e.g. a rollout generator's weight_specs().
+WeightSpecs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class WeightFetchError(RuntimeError):
@@ -145,9 +152,14 @@ class WeightServicer(weights_pb2_grpc.WeightServiceServicer):
 
 
 def fetch_weights(
-    stub: weights_pb2_grpc.WeightServiceStub, version: int = 0, timeout: float | None = 60.0, metadata=None
+    stub: weights_pb2_grpc.WeightServiceStub,
+    version: int = 0,
+    timeout: float | None = 60.0,
+    metadata=None,
+    expected: WeightSpecs | None = None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Fetch a version; returns (version, {name: tensor}) only if every check passes."""
+    """Fetch a version; returns (version, {name: tensor}) only if every check passes. With
+    `expected`, the manifest must describe exactly those tensors (see check_manifest)."""
     stream = stub.Fetch(weights_pb2.FetchRequest(version=version), timeout=timeout, metadata=metadata)
     assembly: _Assembly | None = None
     try:
@@ -156,6 +168,7 @@ def fetch_weights(
             if kind == "manifest":
                 if assembly is not None:
                     raise WeightFetchError("second manifest in one fetch")
+                check_manifest(event.manifest, expected)
                 assembly = _Assembly(event.manifest)
             elif kind == "chunk":
                 if assembly is None:
@@ -173,8 +186,56 @@ def fetch_weights(
     raise WeightFetchError(f"fetch of version {version} ended without a finish ({received} chunks received)")
 
 
+def check_manifest(manifest: weights_pb2.Manifest, expected: WeightSpecs | None = None) -> None:
+    """Refuse a manifest before anything is allocated for it (raises WeightFetchError).
+
+    Always: names unique, dtypes known, each tensor's nbytes = prod(shape) * itemsize, and
+    total_bytes their sum. With the receiver's `expected` specs: the same names, shapes and
+    dtypes, so the total is the receiver's model size.
+    """
+    v = manifest.version
+    names = [spec.name for spec in manifest.tensors]
+    repeated = [name for name, n in Counter(names).items() if n > 1]
+    if repeated:
+        raise WeightFetchError(f"manifest of version {v}: tensor {repeated[0]!r} listed twice")
+    total = 0
+    for spec in manifest.tensors:
+        if spec.dtype not in PROTO_TO_TORCH:
+            raise WeightFetchError(f"manifest of version {v}: tensor {spec.name!r} has unknown dtype {spec.dtype}")
+        shape, dtype = tuple(spec.shape), PROTO_TO_TORCH[spec.dtype]
+        if any(d < 0 for d in shape):
+            raise WeightFetchError(f"manifest of version {v}: tensor {spec.name!r} has negative shape {shape}")
+        size = math.prod(shape) * dtype.itemsize
+        if spec.nbytes != size:
+            raise WeightFetchError(
+                f"manifest of version {v}: tensor {spec.name!r} claims {spec.nbytes} bytes; "
+                f"shape {shape} of {dtype} is {size}"
+            )
+        total += size
+    if manifest.total_bytes != total:
+        raise WeightFetchError(
+            f"manifest of version {v}: total_bytes {manifest.total_bytes}, its tensors sum to {total}"
+        )
+    if expected is None:
+        return
+    model_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
+    missing, unknown = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing or unknown:
+        what = f"lacks tensor {missing[0]!r}" if missing else f"has unknown tensor {unknown[0]!r}"
+        raise WeightFetchError(f"manifest of version {v} {what} ({len(missing)} missing, {len(unknown)} unknown)")
+    for spec in manifest.tensors:
+        got, want = (tuple(spec.shape), PROTO_TO_TORCH[spec.dtype]), expected[spec.name]
+        if got != (tuple(want[0]), want[1]):
+            raise WeightFetchError(
+                f"manifest of version {v}: tensor {spec.name!r} is {got[0]} of {got[1]}, "
+                f"expected {tuple(want[0])} of {want[1]}"
+            )
+    if total != model_bytes:  # implied by the checks above; kept as the statement of the bound
+        raise WeightFetchError(f"manifest of version {v} totals {total} bytes; the model is {model_bytes}")
+
+
 class _Assembly:
-    """One fetch being put together: each tensor's bytes land in a buffer sized by the manifest,
+    """One fetch being put together: each tensor's bytes land in a buffer sized by the (checked) manifest,
     and its sha256 is updated as chunks arrive (hashing overlaps the transfer: hashlib and zlib
     release the GIL), so the tensors come out of the buffers without another copy."""
 
@@ -242,7 +303,7 @@ class WeightPublisher:
         self.store = WeightStore(keep=cfg.weight_versions_kept, chunk_bytes=int(cfg.weight_chunk_mb * 2**20))
         servicer = WeightServicer(self.store)
         self._server, self.port, self.address = serve(
-            cfg, cfg.weight_port, lambda server: weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
+            cfg, cfg.weight_port, lambda server: add_servicer(server, SERVICE, servicer)
         )
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> weights_pb2.Manifest:
@@ -253,17 +314,25 @@ class WeightPublisher:
 
 
 class WeightClient(GrpcClient):
-    """The rollout side: fetches versions from a WeightService with deadlines and retries."""
+    """The rollout side: fetches versions from a WeightService with deadlines and retries. Given
+    the worker's `expected` specs (name -> (shape, dtype)), a manifest that does not describe
+    exactly those tensors is refused before anything is allocated."""
 
-    def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1):
+    def __init__(self, cfg: GrpcConfig, address: str, base_delay_s: float = 0.1, expected: WeightSpecs | None = None):
         super().__init__(cfg, address, weights_pb2_grpc.WeightServiceStub, base_delay_s)
+        self.expected = expected
 
     def fetch(self, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, tensors), every check passed; WeightFetchError otherwise (nothing to apply)."""
         from keel.transport.retry import call_with_retries
 
+        def fetch():
+            return fetch_weights(
+                self._stub, version, timeout=self.cfg.deadline_s, metadata=self._metadata, expected=self.expected
+            )
+
         return call_with_retries(
-            lambda: fetch_weights(self._stub, version, timeout=self.cfg.deadline_s, metadata=self._metadata),
+            fetch,
             self.cfg.retries,
             f"weight service {self.address}",
             self.base_delay_s,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from keel.config import PreferenceDataConfig
@@ -43,6 +45,18 @@ def test_bad_pairs_name_the_row(tok, fields, message):
     cfg = PreferenceDataConfig(path="x", margin_field="m" if "m" in fields else None)
     with pytest.raises(DataError, match=rf"^f:3: {message}"):
         build_pairs([Row("f:3", fields)], cfg, tok)
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_margin_is_refused_naming_the_row(tok, tmp_path, margin):
+    from keel.data.rows import read_rows
+
+    path = tmp_path / "pairs.jsonl"
+    pair = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    path.write_text(json.dumps({**pair, "m": 1.0}) + "\n" + json.dumps({**pair, "m": margin}) + "\n")  # NaN, Infinity
+    cfg = PreferenceDataConfig(path=str(path), margin_field="m")
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'm' must be a finite number, got {margin}$"):
+        build_pairs(read_rows(str(path)), cfg, tok)
 
 
 def test_overlong_pairs(tok):

@@ -33,6 +33,18 @@ def test_malformed_jsonl_line_is_named(tmp_path, line, message):
         read_rows(str(path))
 
 
+def test_invalid_utf8_is_named_by_its_line(tmp_path):
+    """The bad line itself, also far past the first chunk a text-mode read decodes at once."""
+    good = (json.dumps(ROWS[0]) + "\n").encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good * 999 + b'{"prompt": "caf\xe9"}\n' + good)  # Latin-1 \xe9, not UTF-8
+    with pytest.raises(DataError, match=rf"^{path}:1000: not valid UTF-8 \(.*byte 0xe9 at column 16\)$"):
+        read_rows(str(path))
+    path.write_bytes(good + '{"prompt": "café"}\n'.encode() + b'{"prompt": "\xc3"}')  # cut in a character
+    with pytest.raises(DataError, match=rf"^{path}:3: not valid UTF-8"):
+        read_rows(str(path))
+
+
 def test_field_readers_name_the_row_and_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "", "n": 3, "flag": True, "x": 1.5}) + "\n")

@@ -66,3 +66,50 @@ def test_trajectories_that_disagree_are_refused_with_the_field():
     del msg.prompt_ids[1]
     with pytest.raises(DecodeError, match="prompt_ids: 1 entries for 2 samples"):
         trajectories_from_proto(msg)
+
+
+def _broken(how: str):
+    msg = trajectories_to_proto(_traj())
+    if how == "empty":
+        for name in ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask", "behaviour_logprobs"):
+            t = getattr(msg, name)
+            t.shape[0] = 0
+            t.data = b""
+        del msg.prompt_ids[:], msg.sample_index[:], msg.response_texts[:]
+    elif how == "past_vocab":
+        msg.response_tokens.CopyFrom(tensor_to_proto(torch.tensor([[8, 9, 0], [10, 64, 0]], dtype=torch.int32)))
+    elif how == "negative":
+        msg.prompt_tokens.CopyFrom(tensor_to_proto(torch.tensor([[0, 5], [-1, 7]], dtype=torch.int32)))
+    elif how in ("nan", "inf"):
+        lp = torch.tensor([[-0.5, -1.0, 0.0], [-2.0, 0.0, 0.0]])
+        lp[1, 1] = float(how)
+        msg.behaviour_logprobs.CopyFrom(tensor_to_proto(lp))
+    elif how == "bool":
+        data = bytearray(msg.response_mask.data)
+        data[4] = 2  # element [1, 1]
+        msg.response_mask.data = bytes(data)
+    return msg
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("empty", r"response_tokens: empty batch \(0 samples\)"),
+        ("past_vocab", r"response_tokens: token id 64 at \[1, 1\] is outside the vocabulary \[0, 64\)"),
+        ("negative", r"prompt_tokens: token id -1 at \[1, 0\] is outside the vocabulary"),
+        ("nan", r"behaviour_logprobs: nan at \[1, 1\] is not finite"),
+        ("inf", r"behaviour_logprobs: inf at \[1, 1\] is not finite"),
+        ("bool", r"response_mask: byte 2 at element 4 is not a bool \(0 or 1\)"),
+    ],
+)
+def test_hostile_trajectories_are_refused_naming_the_field(how, message):
+    vocab = {"vocab_size": 64} if how == "past_vocab" else {}  # the other checks need no vocabulary
+    with pytest.raises(DecodeError, match=message):
+        trajectories_from_proto(_broken(how), **vocab)
+
+
+def test_token_ids_just_inside_the_vocabulary_decode():
+    back = trajectories_from_proto(trajectories_to_proto(_traj()), vocab_size=11)  # the largest id is 10
+    assert back.response_tokens.max().item() == 10
+    with pytest.raises(DecodeError, match="token id 10"):
+        trajectories_from_proto(trajectories_to_proto(_traj()), vocab_size=10)

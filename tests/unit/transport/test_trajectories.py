@@ -4,6 +4,8 @@ reason, malformed batches refused naming the field, auth, and pushes that surviv
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -43,9 +45,9 @@ def service(monkeypatch):
     monkeypatch.setenv("KEEL_GRPC_TOKEN", TOKEN)
     servers = []
 
-    def start(max_staleness=1, port=0):
-        cfg = GrpcConfig(trajectory_port=port, deadline_s=10)
-        server = TrajectoryServer(TrajectoryInbox(max_staleness), cfg)
+    def start(max_staleness=1, port=0, vocab_size=None, **grpc):
+        cfg = GrpcConfig(trajectory_port=port, **{"deadline_s": 10, **grpc})
+        server = TrajectoryServer(TrajectoryInbox(max_staleness), cfg, vocab_size)
         servers.append(server)
         return server, cfg
 
@@ -82,7 +84,7 @@ def test_accepts_once_refuses_stale_and_ahead_with_reasons(service):
 
 
 def test_pull_streams_fresh_batches_and_drops_old_ones(service):
-    server, cfg = service(max_staleness=3)
+    server, cfg = service(max_staleness=3, trajectory_pull_streams=1)
     server.inbox.set_version(3)
     TrajectoryPusher(cfg, server.address).push([_traj("old", 1), _traj("new", 3), _traj("newer", 3)])
     stub = trajectory_pb2_grpc.TrajectoryServiceStub(make_channel(cfg, server.address))
@@ -108,6 +110,10 @@ def _malformed(kind: str) -> trajectory_pb2.TrajectoryBatch:
         msg.prompt_tokens.data = msg.prompt_tokens.data[:-4]
     elif kind == "lengths":
         del msg.prompt_ids[-1]
+    elif kind == "vocab":
+        msg.response_tokens.CopyFrom(tensor_to_proto(torch.full((3, 4), 50, dtype=torch.int32)))
+    elif kind == "logprobs":
+        msg.behaviour_logprobs.CopyFrom(tensor_to_proto(torch.full((3, 4), float("nan"))))
     return msg
 
 
@@ -118,10 +124,12 @@ def _malformed(kind: str) -> trajectory_pb2.TrajectoryBatch:
         ("dtype", "behaviour_logprobs: dtype torch.float64, expected torch.float32"),
         ("bytes", "prompt_tokens: 20 bytes for shape [3, 2]"),
         ("lengths", "prompt_ids: 2 entries for 3 samples"),
+        ("vocab", "response_tokens: token id 50 at [0, 0] is outside the vocabulary [0, 50)"),
+        ("logprobs", "behaviour_logprobs: nan at [0, 0] is not finite"),
     ],
 )
 def test_malformed_batch_is_invalid_argument_naming_the_field(service, kind, field):
-    server, cfg = service()
+    server, cfg = service(vocab_size=50)
     stub = trajectory_pb2_grpc.TrajectoryServiceStub(make_channel(cfg, server.address))
     good = trajectories_to_proto(_traj("good", 0))
     with pytest.raises(grpc.RpcError) as info:
@@ -229,3 +237,68 @@ def test_call_with_retries_only_retries_unavailable():
 
     with pytest.raises(Unavailable, match=r"x: UNAVAILABLE after 2 attempt\(s\): fetch failed"):
         call_with_retries(wrapped, retries=1, what="x", base_delay_s=0.001)
+
+
+# --------------------------------------------------------------------------- hostile callers
+
+
+def test_undecodable_push_is_invalid_argument(service):
+    server, cfg = service()
+    push = make_channel(cfg, server.address).stream_stream("/keel.v1.TrajectoryService/Push")
+    good = trajectories_to_proto(_traj("good", 0)).SerializeToString()
+    with pytest.raises(grpc.RpcError) as info:
+        list(push(iter([good, b"\xff\xff\xff\xff"]), timeout=10, metadata=call_metadata(cfg)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "request: the bytes are not a valid keel.v1.TrajectoryBatch"
+    assert [t.rollout_id for t in server.inbox.take(["good"], 1)] == ["good"]
+
+
+def test_the_inbox_is_bounded_and_says_so(service):
+    from keel.transport.trajectories import held_bytes
+
+    size = held_bytes(_traj("a", 0))
+    server, cfg = service(trajectory_inbox_mb=(2.5 * size) / 2**20)  # room for two batches
+    pusher = TrajectoryPusher(cfg, server.address)
+    acks = pusher.push([_traj("a", 0), _traj("b", 0), _traj("c", 0)])
+    assert [a.accepted for a in acks] == [True, True, False]
+    assert acks[2].reason == f"full: {2 * size} bytes queued, this batch {size}, bound {int(2.5 * size)}"
+    assert len(server.inbox) == 2 and server.inbox.stats.full == 1
+    server.inbox.take(["a"], timeout_s=1)  # the learner took one: there is room again
+    [again] = pusher.push([_traj("c", 0)])
+    assert again.accepted and [t.rollout_id for t in server.inbox.take(["b", "c"], 1)] == ["b", "c"]
+
+
+def test_pull_is_off_unless_configured(service):
+    server, cfg = service()
+    TrajectoryPusher(cfg, server.address).push([_traj("a", 0)])
+    stub = trajectory_pb2_grpc.TrajectoryServiceStub(make_channel(cfg, server.address))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Pull(trajectory_pb2.PullRequest(max_batches=1), timeout=10, metadata=call_metadata(cfg)))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "trajectory_pull_streams" in info.value.details()
+    assert len(server.inbox) == 1  # nothing was taken
+
+
+def test_pullers_cannot_starve_push(service):
+    server, cfg = service(trajectory_pull_streams=2, deadline_s=2)
+    stub = trajectory_pb2_grpc.TrajectoryServiceStub(make_channel(cfg, server.address))
+    forever = trajectory_pb2.PullRequest(max_batches=1, wait_ms=3_600_000)
+
+    def pull():
+        try:
+            return len(list(stub.Pull(forever, timeout=30, metadata=call_metadata(cfg))))
+        except grpc.RpcError as err:
+            return err.code()
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        pulls = [pool.submit(pull) for _ in range(20)]  # far more than the server's 8 Push threads
+        time.sleep(1.0)
+        pushed = time.monotonic()
+        [ack] = TrajectoryPusher(cfg, server.address).push([_traj("x", 0)])
+        assert ack.accepted and time.monotonic() - pushed < 1.0
+        results = [p.result(timeout=30) for p in pulls]
+    assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 18  # at most 2 Pull streams at once
+    # one stream took the batch; the other waited deadline_s (not the hour it asked for), then ended
+    assert sorted(r for r in results if isinstance(r, int)) == [0, 1]
+    assert time.monotonic() - began < 8

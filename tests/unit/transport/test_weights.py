@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from keel.transport.pb import weights_pb2, weights_pb2_grpc
+from keel.transport.pb import tensor_pb2, weights_pb2, weights_pb2_grpc
 from keel.transport.weights import WeightFetchError, WeightServicer, WeightStore, fetch_weights
 
 
@@ -127,3 +127,115 @@ def test_damaged_stream_is_refused_and_nothing_is_applied(serve, how, message, t
     assert worker.weight_version == 0
     after = worker.generator.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- lying manifests
+
+GiB = 2**30
+
+
+class LyingManifest(WeightServicer):
+    """Serves a real version's chunks under a manifest that `lie` edits."""
+
+    def __init__(self, store, lie):
+        super().__init__(store)
+        self.lie = lie
+
+    def Fetch(self, request, context):
+        events = list(super().Fetch(request, context))
+        manifest = weights_pb2.Manifest()
+        manifest.CopyFrom(events[0].manifest)
+        self.lie(manifest)
+        yield weights_pb2.FetchResponse(manifest=manifest)
+        yield from events[1:]
+
+
+def _claim_nbytes(m):  # 256 MiB for a (50, 16) float32 tensor; the total agrees with the lie
+    m.total_bytes += 2**28 - m.tensors[0].nbytes
+    m.tensors[0].nbytes = 2**28
+
+
+def _claim_100gb(m):  # a consistent manifest for a model of 100 GB
+    m.tensors[0].shape[:] = [100 * GiB // 64, 16]
+    m.total_bytes += 100 * GiB - m.tensors[0].nbytes
+    m.tensors[0].nbytes = 100 * GiB
+
+
+def _extra_tensor(m):
+    m.tensors.add(name="evil", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2**26], nbytes=2**28)
+    m.total_bytes += 2**28
+
+
+def _other_dtype(m):
+    m.tensors[0].dtype = tensor_pb2.DTYPE_FLOAT64
+    m.total_bytes += m.tensors[0].nbytes
+    m.tensors[0].nbytes *= 2
+
+
+def _claim_total(m):
+    m.total_bytes = 100 * GiB
+
+
+def _lack_tensor(m):
+    m.total_bytes -= m.tensors[1].nbytes
+    del m.tensors[1]
+
+
+@pytest.fixture
+def weight_address():
+    servers = []
+
+    def start(servicer):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for s in servers:
+        s.stop(None)
+
+
+@pytest.mark.parametrize(
+    "lie, with_specs, message",
+    [
+        (_claim_nbytes, False, r"'embed.weight' claims 268435456 bytes; shape \(50, 16\) of torch.float32 is 3200"),
+        (_claim_total, False, r"total_bytes 107374182400, its tensors sum to 3256"),
+        (_claim_100gb, True, r"'embed.weight' is \(1677721600, 16\) of torch.float32, expected \(50, 16\) of"),
+        (_extra_tensor, True, r"has unknown tensor 'evil'"),
+        (_other_dtype, True, r"'embed.weight' is \(50, 16\) of torch.float64, expected \(50, 16\) of torch.float32"),
+        (_lack_tensor, True, r"lacks tensor 'norm.weight'"),
+    ],
+)
+def test_a_lying_manifest_is_refused_before_anything_is_allocated(weight_address, lie, with_specs, message):
+    import tracemalloc
+
+    from keel.config import GrpcConfig
+    from keel.transport.weights import WeightClient
+
+    store = WeightStore(chunk_bytes=1024)
+    store.publish(1, _state())
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in _state().items()}
+    address = weight_address(LyingManifest(store, lie))
+    client = WeightClient(GrpcConfig(auth=False, retries=0), address, **({"expected": specs} if with_specs else {}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightFetchError, match=message):
+            client.fetch(1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak} bytes allocated while fetching a {store.get(1).manifest.total_bytes}-byte model"
+
+
+def test_a_client_with_the_workers_specs_fetches_an_honest_version(weight_address):
+    from keel.config import GrpcConfig
+    from keel.transport.weights import WeightClient
+
+    store = WeightStore(chunk_bytes=1024)
+    store.publish(1, _state())
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in _state().items()}
+    version, state = WeightClient(GrpcConfig(auth=False), weight_address(WeightServicer(store)), expected=specs).fetch()
+    assert version == 1 and all(torch.equal(state[k], v) for k, v in _state().items())
