@@ -284,11 +284,12 @@ class ResumeRefused(ValueError):
 
 
 def set_aside(run_dir: Path) -> Path | None:
-    """Move a previous run's files (checkpoints/, metrics.jsonl, config.yaml) into
+    """Move a previous run's files (checkpoints/, metrics.jsonl, its config snapshot) into
     `run_dir/replaced-<time>/`, never deleting them; returns where, or None when there was nothing."""
     import time
 
-    old = [run_dir / n for n in ("checkpoints", "metrics.jsonl", "config.yaml") if (run_dir / n).exists()]
+    names = ("checkpoints", "metrics.jsonl", "config.yaml", "keel_config.yaml")  # train's snapshot, the trainers'
+    old = [run_dir / n for n in names if (run_dir / n).exists()]
     if not old:
         return None
     aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from keel.config import OfflineRun, dump_config
-from keel.controller.checkpoint import CheckpointStore, ResumeRefused, config_differences, cut_metrics, set_aside
+from keel.controller.checkpoint import CheckpointStore, cut_metrics, resume_point
 from keel.data.rows import DataError, Row, read_rows, split_rows
 from keel.learner.learner import (
     full_state_dict,
@@ -325,19 +325,12 @@ def open_run(cfg: OfflineRun, out: Path, force_new: bool = False) -> Start:
     """
     out = Path(out)
     (out / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier process
-    latest = CheckpointStore(out / "checkpoints", cfg.checkpoint.keep_last).latest()
-    if latest is not None and cfg.checkpoint.resume and not force_new:
-        state = CheckpointStore.read_state(latest)
-        differences = config_differences(state["config"], cfg.model_dump(mode="json"))
-        if differences:
-            raise ResumeRefused(out, differences)
+    latest, state, replaced = resume_point(out, cfg.model_dump(mode="json"), cfg.checkpoint.resume, force_new)
+    if state is not None:
         if not state["finished"]:
             cut_metrics(out / "metrics.jsonl", lambda m: m.get("step", 0) <= state["step"])
         start = Start(latest, state["step"], state["finished"], history=_metrics(out))
     else:
-        replaced = set_aside(out)
-        if replaced is not None and (out / "keel_config.yaml").exists():
-            os.rename(out / "keel_config.yaml", replaced / "keel_config.yaml")
         start = Start(replaced=replaced)
     if not start.finished:
         out.mkdir(parents=True, exist_ok=True)
