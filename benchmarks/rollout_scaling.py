@@ -27,9 +27,8 @@ def main() -> None:
     import ray
 
     from keel.config import ModelConfig, Resources, RolloutConfig, SamplingConfig
-    from keel.controller.actors import ROLE_ENV, remote
+    from keel.controller.actors import ROLE_ENV, remote, thread_env
     from keel.controller.channels import split
-    from keel.controller.loop import thread_env
     from keel.data.prompts import Prompt
     from keel.data.tasks import arithmetic_rows
     from keel.models.loading import load_tokenizer

@@ -84,12 +84,8 @@ def main() -> None:
     from keel.config import GrpcConfig
     from keel.transport.weights import WeightPublisher
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"KEEL_GRPC_TOKEN": os.environ["KEEL_GRPC_TOKEN"]}},
-    )
+    # the workers inherit the token from this process's environment (never from a runtime_env)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     publisher = WeightPublisher(GrpcConfig(weight_chunk_mb=args.chunk_mb, max_message_mb=64, weight_versions_kept=1))
     version = 0
     rows = []

@@ -290,16 +290,13 @@ def preflight(cfg) -> list[str]:
             except RewardError as err:
                 problems.append(str(err))
     if cfg.transport.uses_grpc():
-        from keel.transport.security import SecurityConfigError, load_token
+        from keel.transport.security import SecurityConfigError, job_tls_problems, load_token
 
         try:
             load_token(grpc_cfg)
         except SecurityConfigError as err:
             problems.append(str(err))
-        for setting in ("tls_cert", "tls_key", "tls_ca"):
-            path = getattr(grpc_cfg, setting)
-            if path and not Path(path).is_file():
-                problems.append(f"transport.grpc.{setting}: {path} does not exist")
+        problems.extend(job_tls_problems(grpc_cfg))
     return problems
 
 
@@ -334,25 +331,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import ray
 
-    from keel.controller.loop import Controller
+    from keel.controller.restarts import RunRestarts
 
     _role_env()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=cfg.logging.level == "DEBUG")
     from keel.controller.placement import PlacementError
+    from keel.controller.supervisor import RoleFailed, RoleOutage
     from keel.data.rows import DataError
-
-    controller = Controller(cfg, run_dir, resume_from=checkpoint)
-    try:
-        controller.start()
-    except PlacementError as err:
-        _err(str(err))
-        controller.shutdown()
-        return EXIT_FAILED
-    except DataError as err:  # a bad prompt or held-out prompt file: read before any actor starts
-        _err(f"data error: {err}")
-        controller.shutdown()
-        return EXIT_BAD_INPUT
 
     def line(m: dict) -> None:
         if cfg.logging.console != "none" and m["step"] % cfg.logging.log_every == 0:
@@ -362,11 +348,27 @@ def cmd_train(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    with stop_on_signals(controller.request_stop, cfg.checkpoint.stop_grace_s):
-        controller.run(on_step=line)
-    controller.shutdown()
+    # a lost learner rank (or a role that keeps failing) starts every role again from the latest
+    # checkpoint, up to controller.max_restarts times (keel.controller.restarts)
+    runner = RunRestarts(cfg, run_dir, resume_from=checkpoint)
+    with stop_on_signals(runner.request_stop, cfg.checkpoint.stop_grace_s):
+        try:
+            runner.run(on_step=line)
+        except PlacementError as err:
+            _err(str(err))
+            return EXIT_FAILED
+        except DataError as err:  # a bad prompt or held-out prompt file: read before any actor starts
+            _err(f"data error: {err}")
+            return EXIT_BAD_INPUT
+        except RoleOutage as err:  # stopped at a step boundary, with a checkpoint
+            _err(f"error: {err}")
+            return EXIT_FAILED
+        except RoleFailed as err:
+            restarts = f"after {runner.restarts} restart(s) (controller.max_restarts {cfg.controller.max_restarts})"
+            _err(f"error: {err}; the run stops {restarts}; the latest checkpoint stays, run again to resume")
+            return EXIT_FAILED
     print(f"run directory: {run_dir}")
-    return EXIT_STOPPED if controller.stop_requested else EXIT_OK
+    return EXIT_STOPPED if runner.stop_requested else EXIT_OK
 
 
 def stop_on_signals(request_stop: Callable[[], None], grace_s: float):
@@ -439,7 +441,9 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     def ready(port: int) -> None:
-        print(f"reward server on {cfg.grpc.host}:{port} (auth {'on' if cfg.grpc.auth else 'off'})", flush=True)
+        g = cfg.grpc
+        tls = "mutual TLS" if g.tls_client_ca else "TLS" if g.tls_cert else "no TLS"
+        print(f"reward server on {g.host}:{port} (auth {'on' if g.auth else 'off'}, {tls})", flush=True)
 
     try:
         asyncio.run(RewardServer(cfg).serve_until_signal(on_ready=ready))
@@ -449,10 +453,36 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token_in_runtime_env(config_path: str, runtime_env_path: str) -> str | None:
+    """Why `--runtime-env` must not be sent: it holds the run's gRPC token, which the Jobs API and
+    the dashboard would show to anyone who can read the job. None when it does not (or cannot be
+    read: `jobs.submit` reports that)."""
+    from pathlib import Path
+
+    import yaml
+
+    from keel.config import ConfigError, load_config
+
+    try:
+        token_env = load_config(config_path).transport.grpc.token_env
+        env_vars = yaml.safe_load(Path(runtime_env_path).read_text()).get("env_vars") or {}
+    except (ConfigError, OSError, yaml.YAMLError, AttributeError):
+        return None
+    if token_env not in env_vars:
+        return None
+    return (
+        f"--runtime-env {runtime_env_path}: env_vars holds ${token_env}, the gRPC token, which the job's info "
+        "would show: set it in the environment of `ray start` on every node, or mount transport.grpc.token_file"
+    )
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from keel.config import ConfigError
     from keel.controller import jobs
 
+    if args.runtime_env and (problem := _token_in_runtime_env(args.config, args.runtime_env)):
+        _err(problem)
+        return EXIT_BAD_INPUT
     try:
         job_id = jobs.submit(args.address, args.config, args.working_dir, args.runtime_env, args.run_dir)
     except ConfigError as err:

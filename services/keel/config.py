@@ -209,6 +209,13 @@ class RewardConfig(Section):
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip]; unset = no clipping.")
     normalize: bool = Field(False, description="Whiten scores over each batch before advantages.")
+    outage_budget_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="A reward server (grpc) that answers UNAVAILABLE or RESOURCE_EXHAUSTED is retried with "
+        "backoff for up to this long per call (long enough for a server restart); past it the run stops at the "
+        "step boundary with a checkpoint.",
+    )
 
 
 # --------------------------------------------------------------------------- reference
@@ -259,6 +266,20 @@ class DeepSpeedConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="Collective backend: auto = nccl on GPU, gloo on CPU."
     )
+    timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="Process-group timeout: a collective still waiting on a lost rank fails after this long "
+        "(torch's default is 10-30 minutes).",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO 0 has no optimizer offload)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got {self.zero_stage}")
+        return self
 
 
 class CriticConfig(Section):
@@ -409,6 +430,35 @@ class ControllerConfig(Section):
     placement_timeout_s: float = Field(
         60.0, gt=0.0, description="Fail (naming the role) when a role's placement group is not ready after this long."
     )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="A role actor that is not ready this long after it was started (model load included), or after "
+        "a restart, fails the run, naming the role.",
+    )
+    score_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="A reward or reference call (or the learner's log-prob pass) with no answer after this long: "
+        "the reward/reference actor is restarted and the call sent again; a learner fails the step.",
+    )
+    update_timeout_s: float = Field(
+        1800.0,
+        gt=0.0,
+        description="A learner update, checkpoint save or load, or HF export with no answer after this long fails "
+        "the step, naming the role and the step.",
+    )
+    control_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="A call to the job's control actor (keel scale requests) with no answer after this long.",
+    )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="When a role is lost in a way a step cannot recover from (a learner rank, a role that keeps "
+        "failing), stop every role and start them again from the latest checkpoint, at most this many times.",
+    )
 
 
 # --------------------------------------------------------------------------- transport
@@ -417,7 +467,11 @@ class ControllerConfig(Section):
 class GrpcConfig(Section):
     """Settings for the gRPC channels (used by channels set to grpc)."""
 
-    host: str = Field("127.0.0.1", description="Address servers bind to; 127.0.0.1 unless you mean to expose them.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address servers bind to; 127.0.0.1 unless you mean to expose them. Any other address needs "
+        "auth and TLS (tls_cert, tls_key), or allow_insecure.",
+    )
     advertise_host: str | None = Field(
         None,
         description="Address other processes dial to reach this job's servers; default host, or the node IP "
@@ -435,11 +489,44 @@ class GrpcConfig(Section):
         2, description="Published weight versions the WeightService keeps; older ones answer NOT_FOUND."
     )
     auth: bool = Field(True, description="Require a bearer token on every call.")
-    token_env: str = Field("KEEL_GRPC_TOKEN", description="Environment variable holding the bearer token.")
-    token_file: str | None = Field(None, description="File holding the bearer token (used when the env var is unset).")
-    tls_cert: str | None = Field(None, description="Server certificate (PEM); with tls_key turns TLS on.")
-    tls_key: str | None = Field(None, description="Server private key (PEM).")
-    tls_ca: str | None = Field(None, description="CA bundle clients use to verify the server (PEM).")
+    token_env: str = Field(
+        "KEEL_GRPC_TOKEN",
+        description="Environment variable holding the bearer token, read from each process's own environment (Ray "
+        "workers inherit the one `ray start`, or a driver's local `ray.init()`, ran in); never put in a runtime_env.",
+    )
+    token_file: str | None = Field(
+        None,
+        description="File holding the bearer token, read by each process itself (mount it on every node); used "
+        "when the env var is unset.",
+    )
+    tls_cert: str | None = Field(
+        None,
+        description="Certificate (PEM) of the servers this config starts; with tls_key turns TLS on for them and "
+        "for this config's clients. Its names (SANs) must cover the addresses clients dial.",
+    )
+    tls_key: str | None = Field(None, description="Private key (PEM) of tls_cert.")
+    tls_ca: str | None = Field(
+        None,
+        description="CA bundle (PEM) clients verify servers against; set = clients speak TLS (unset with TLS on: "
+        "the system's roots).",
+    )
+    tls_client_ca: str | None = Field(
+        None,
+        description="Mutual TLS: CA bundle (PEM) the servers verify client certificates against; set = a client "
+        "without a certificate signed by it is refused at the handshake. Needs tls_cert and tls_key.",
+    )
+    tls_client_cert: str | None = Field(
+        None,
+        description="Certificate (PEM) clients present to servers that ask for one (tls_client_ca on their side); "
+        "with tls_client_key. A job whose own servers set tls_client_ca needs it for its own clients.",
+    )
+    tls_client_key: str | None = Field(None, description="Private key (PEM) of tls_client_cert.")
+    allow_insecure: bool = Field(
+        False,
+        description="Accept what is refused otherwise: a server bound to (or advertised at) a non-loopback address "
+        "without both auth and TLS (tls_cert), and a bearer token sent without TLS to a non-loopback reward_address. "
+        "Only for networks that are private or encrypted underneath (a service mesh).",
+    )
     max_message_mb: float = Field(64.0, gt=0.0, description="Largest message sent or received, in MiB.")
     weight_chunk_mb: float = Field(4.0, gt=0.0, description="Chunk size of weight streams, in MiB.")
     deadline_s: float = Field(60.0, gt=0.0, description="Per-call deadline.")
@@ -461,6 +548,10 @@ class GrpcConfig(Section):
     def _tls_pair(self) -> GrpcConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError("tls_client_cert and tls_client_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: servers check client certificates over TLS")
         if self.reward_address is not None and not re.fullmatch(r"\S+:\d{1,5}", self.reward_address):
             raise ValueError(f"reward_address must look like host:port, got {self.reward_address!r}")
         if self.weight_chunk_mb >= self.max_message_mb:
@@ -468,6 +559,44 @@ class GrpcConfig(Section):
                 f"weight_chunk_mb ({self.weight_chunk_mb}) must be below max_message_mb ({self.max_message_mb})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _no_clear_text_beyond_loopback(self) -> GrpcConfig:
+        """Off loopback, a server needs auth and TLS, and a token needs TLS; allow_insecure lifts both."""
+        if self.allow_insecure:
+            return self
+        missing = [what for what, on in (("auth", self.auth), ("TLS (tls_cert, tls_key)", self.tls_cert)) if not on]
+        for name, host in (("host", self.host), ("advertise_host", self.advertise_host)):
+            if missing and host is not None and not _is_loopback(host):
+                raise ValueError(
+                    f"{name} {host!r} is not a loopback address, so the servers need auth and TLS, but "
+                    f"{' and '.join(missing)} is off: turn it on, bind 127.0.0.1, or set allow_insecure: true"
+                )
+        client_tls = self.tls_ca or self.tls_cert or self.tls_client_cert
+        if self.reward_address is not None and self.auth and not client_tls:
+            host = self.reward_address.rsplit(":", 1)[0]
+            if not _is_loopback(host):
+                raise ValueError(
+                    f"reward_address {self.reward_address!r} is not a loopback address and TLS is off, so the bearer "
+                    "token would cross the network in clear text: set tls_ca (the CA of the server's certificate), "
+                    "or allow_insecure: true"
+                )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (brackets allowed) or localhost; a name is not resolved, so any other name is not."""
+    import ipaddress
+
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class TransportConfig(Section):

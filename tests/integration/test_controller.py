@@ -88,7 +88,8 @@ def test_grpc_channels_change_nothing(demo_inputs, ray_session, tmp_path, monkey
                 state = ray.get(controller.learners[0].policy_state.remote())
                 worker = ray.get(controller.rollout[0].ready.remote())
                 addresses = dict(controller.channels.addresses)
-                assert (controller.rewards == []) == (transport == "grpc")  # no reward actor: the server scores
+                # no reward actor: the server scores
+                assert (controller.supervisor.reward is None) == (transport == "grpc")
             finally:
                 controller.shutdown()
             runs[transport] = history, state, worker

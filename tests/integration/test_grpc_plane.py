@@ -92,3 +92,26 @@ def test_a_worker_with_the_wrong_token_gets_nothing(plane, tiny_model_dir, monke
     with pytest.raises(TrajectoryPushError, match=r"trajectory service .*: UNAUTHENTICATED: missing or wrong bearer"):
         intruder.generate_and_push(_prompts(intruder, ["1+1="]), seed=0, sampling=GREEDY)
     assert len(trajectories.inbox) == 0
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s, k: s.pop(k), r"missing"),
+        (lambda s, k: s.__setitem__(k, s[k][:-1]), r"is \(450, 128\) of torch.float32, expected \(451, 128\)"),
+        (lambda s, k: s.__setitem__(k, s[k].half()), r"of torch.float16, expected \(451, 128\) of torch.float32"),
+    ],
+    ids=["missing", "shape", "dtype"],
+)
+def test_a_manifest_unlike_the_workers_model_is_refused_before_any_fetch(plane, damage, message):
+    """The worker checks the published manifest against its own model (names, shapes, dtypes)
+    before it allocates anything; the old weights keep serving."""
+    publisher, _, worker = plane
+    before = {k: v.clone() for k, v in worker.generator.model.state_dict().items()}
+    state = _perturbed(worker, 3)
+    damage(state, "model.embed_tokens.weight")
+    publisher.publish(1, state)
+    with pytest.raises(WeightFetchError, match=message):
+        worker.pull_weights(1)
+    assert worker.weight_version == 0
+    assert all(torch.equal(v, before[k]) for k, v in worker.generator.model.state_dict().items())

@@ -41,8 +41,8 @@ def test_a_run_evaluates_held_out_prompts_every_eval_every_steps(tiny_model_dir,
     controller.start()
     try:
         history = controller.run()
-        rewards = ray.get([a.samples_scored.remote() for a in controller.rewards])
-        references = ray.get([a.samples_scored.remote() for a in controller.reference.actors])
+        rewards = ray.get([a.samples_scored.remote() for a in controller.supervisor.reward.actors])
+        references = ray.get([a.samples_scored.remote() for a in controller.supervisor.reference.actors])
     finally:
         controller.shutdown()
 

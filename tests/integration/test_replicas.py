@@ -9,6 +9,7 @@ import ray
 import torch
 
 from keel.config import (
+    ControllerConfig,
     GrpcConfig,
     ModelConfig,
     Resources,
@@ -19,7 +20,7 @@ from keel.config import (
 )
 from keel.controller.actors import remote
 from keel.controller.channels import ActorReward, GrpcReward
-from keel.controller.replicas import ReferencePool
+from keel.controller.supervisor import StatelessRole
 from keel.data.prompts import Prompt
 from keel.data.tasks import arithmetic_rows
 
@@ -55,9 +56,9 @@ def _counts(actors) -> list[int]:
 
 def _scored_alone_then_shared(make_channel, actors, traj):
     """(scores by actors[0] alone, scores by both, what each actor scored in the shared call)."""
-    alone = make_channel(actors[:1]).submit(traj, ray.put(traj)).result()
+    alone = make_channel(actors[:1]).submit(traj, ray.put(traj), 0).result()
     before = _counts(actors)
-    shared = make_channel(actors).submit(traj, ray.put(traj)).result()
+    shared = make_channel(actors).submit(traj, ray.put(traj), 0).result()
     return alone, shared, [after - b for after, b in zip(_counts(actors), before, strict=True)]
 
 
@@ -68,7 +69,9 @@ def test_two_reward_actors_score_like_one(ray_session, batch):
     actors = [remote(RewardModel, SMALL).remote(reward) for _ in range(2)]
     traj, expected = _answered(batch)
     try:
-        alone, shared, work = _scored_alone_then_shared(ActorReward, actors, traj)
+        alone, shared, work = _scored_alone_then_shared(
+            lambda subset: ActorReward(StatelessRole("reward", subset, ControllerConfig())), actors, traj
+        )
     finally:
         for a in actors:
             ray.kill(a)
@@ -83,18 +86,19 @@ def test_two_reward_servers_score_like_one(ray_session, batch):
     reward = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"))
     grpc_cfg = GrpcConfig(auth=False)
     actors = [remote(RewardServerRole, SMALL).remote(reward, grpc_cfg, 16) for _ in range(2)]
-    clients = {}
+    channels = {}
 
     def channel(subset):
-        reward_channel = GrpcReward([RewardClient(grpc_cfg, ray.get(a.address.remote())) for a in subset])
-        clients[len(subset)] = reward_channel
+        clients = [RewardClient(grpc_cfg, ray.get(a.address.remote())) for a in subset]
+        reward_channel = GrpcReward(clients, reward, subset)
+        channels[len(subset)] = reward_channel
         return reward_channel
 
     traj, expected = _answered(batch)
     try:
         alone, shared, work = _scored_alone_then_shared(channel, actors, traj)
     finally:
-        for reward_channel in clients.values():
+        for reward_channel in channels.values():
             reward_channel.close()
         for a in actors:
             ray.kill(a)
@@ -102,12 +106,22 @@ def test_two_reward_servers_score_like_one(ray_session, batch):
     assert work == [4, 3]
 
 
+class _reference:
+    """The reference role as the loop calls it: log-probs of each actor's shard."""
+
+    def __init__(self, actors):
+        self.role = StatelessRole("reference", actors, ControllerConfig())
+
+    def submit(self, traj, traj_ref, step):
+        return self.role.submit(traj, traj_ref, "logprobs", step)
+
+
 def test_two_reference_actors_give_the_same_logprobs(ray_session, batch, tiny_model_dir):
     from keel.reference.model import ReferenceModel
 
     actors = [remote(ReferenceModel, SMALL).remote(str(tiny_model_dir), "float32", 2) for _ in range(2)]
     try:
-        alone, shared, work = _scored_alone_then_shared(ReferencePool, actors, batch)
+        alone, shared, work = _scored_alone_then_shared(_reference, actors, batch)
     finally:
         for a in actors:
             ray.kill(a)

@@ -192,10 +192,17 @@ def test_bad_field_is_named(overrides, expected):
         ({"checkpoint.resume": False, "checkpoint.save_hf": False}, None),
         ({"rollout.replicas": 32}, "rollout.replicas: 32 workers but only 16 prompts per step"),
         (
-            {"transport.grpc.reward_address": "rm.keel.svc:50051"},
+            {"transport.grpc.reward_address": "rm.keel.svc:50051", "transport.grpc.tls_ca": "ca.pem"},
             "transport.reward: grpc.reward_address is set, so the reward channel must be grpc (got objectstore)",
         ),
-        ({"transport.grpc.reward_address": "rm.keel.svc:50051", "transport.reward": "grpc"}, None),
+        (
+            {
+                "transport.grpc.reward_address": "rm.keel.svc:50051",
+                "transport.grpc.tls_ca": "ca.pem",
+                "transport.reward": "grpc",
+            },
+            None,
+        ),
     ],
 )
 def test_cross_field_rules_name_the_field(overrides, expected):
@@ -295,6 +302,7 @@ def test_schema_documents_every_field():
                 "reward.replicas": 2,
                 "transport.reward": "grpc",
                 "transport.grpc.reward_address": "rm.keel.svc:50051",
+                "transport.grpc.tls_ca": "ca.pem",
             },
             "reward.replicas: 2 reward actors, but transport.grpc.reward_address names an external server that "
             "scores every batch (scale that server instead): must be 1",
@@ -326,3 +334,129 @@ def test_replicas_and_held_out_evaluation_rules(overrides, expected):
         return
     lines = _errors(data)
     assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+# --------------------------------------------------------------------------- gRPC: no clear text off loopback, mTLS
+
+_INSECURE_HOST = (
+    "transport.grpc: host '0.0.0.0' is not a loopback address, so the servers need auth and TLS, but {missing} "
+    "is off: turn it on, bind 127.0.0.1, or set allow_insecure: true"
+)
+_CLEAR_TOKEN = (
+    "transport.grpc: reward_address '{address}' is not a loopback address and TLS is off, so the bearer token would "
+    "cross the network in clear text: set tls_ca (the CA of the server's certificate), or allow_insecure: true"
+)
+_SERVER_TLS = {"transport.grpc.tls_cert": "server.pem", "transport.grpc.tls_key": "server.key"}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # servers bound beyond loopback need auth and TLS
+        ({"transport.grpc.host": "0.0.0.0"}, _INSECURE_HOST.format(missing="TLS (tls_cert, tls_key)")),
+        (
+            {"transport.grpc.host": "0.0.0.0", "transport.grpc.auth": False},
+            _INSECURE_HOST.format(missing="auth and TLS (tls_cert, tls_key)"),
+        ),
+        (
+            {"transport.grpc.host": "0.0.0.0", "transport.grpc.auth": False, **_SERVER_TLS},
+            _INSECURE_HOST.format(missing="auth"),
+        ),
+        ({"transport.grpc.host": "0.0.0.0", **_SERVER_TLS}, None),
+        ({"transport.grpc.host": "::", **_SERVER_TLS}, None),
+        (
+            {"transport.grpc.advertise_host": "10.0.0.7"},
+            "transport.grpc: advertise_host '10.0.0.7' is not a loopback address, so the servers need auth and TLS, "
+            "but TLS (tls_cert, tls_key) is off: turn it on, bind 127.0.0.1, or set allow_insecure: true",
+        ),
+        ({"transport.grpc.host": "127.0.0.2", "transport.grpc.auth": False}, None),  # all of 127.0.0.0/8
+        ({"transport.grpc.host": "localhost", "transport.grpc.advertise_host": "::1"}, None),
+        # a token sent to a non-loopback reward server needs TLS
+        (
+            {"transport.reward": "grpc", "transport.grpc.reward_address": "rm.keel.svc:50051"},
+            _CLEAR_TOKEN.format(address="rm.keel.svc:50051"),
+        ),
+        (
+            {"transport.reward": "grpc", "transport.grpc.reward_address": "10.1.2.3:50051"},
+            _CLEAR_TOKEN.format(address="10.1.2.3:50051"),
+        ),
+        (
+            {"transport.reward": "grpc", "transport.grpc.reward_address": "rm:50051", "transport.grpc.tls_ca": "ca"},
+            None,
+        ),
+        ({"transport.reward": "grpc", "transport.grpc.reward_address": "rm:50051", "transport.grpc.auth": False}, None),
+        ({"transport.reward": "grpc", "transport.grpc.reward_address": "[::1]:50051"}, None),
+        ({"transport.reward": "grpc", "transport.grpc.reward_address": "localhost:50051"}, None),
+        # allow_insecure lifts both rules
+        (
+            {
+                "transport.reward": "grpc",
+                "transport.grpc.reward_address": "rm.keel.svc:50051",
+                "transport.grpc.host": "0.0.0.0",
+                "transport.grpc.auth": False,
+                "transport.grpc.allow_insecure": True,
+            },
+            None,
+        ),
+        (
+            {
+                "transport.reward": "grpc",
+                "transport.grpc.reward_address": "rm:50051",
+                "transport.grpc.allow_insecure": True,
+            },
+            None,
+        ),
+        # mutual TLS settings come in pairs, and need server TLS
+        (
+            {"transport.grpc.tls_client_ca": "ca.pem"},
+            "transport.grpc: tls_client_ca needs tls_cert and tls_key: servers check client certificates over TLS",
+        ),
+        (
+            {"transport.grpc.tls_client_cert": "client.pem"},
+            "transport.grpc: tls_client_cert and tls_client_key must be set together",
+        ),
+        (
+            {
+                **_SERVER_TLS,
+                "transport.grpc.tls_client_ca": "ca.pem",
+                "transport.grpc.tls_client_cert": "client.pem",
+                "transport.grpc.tls_client_key": "client.key",
+            },
+            None,
+        ),
+    ],
+)
+def test_grpc_refuses_clear_text_beyond_loopback_unless_allowed(overrides, expected):
+    data = _with(**overrides)
+    if expected is None:
+        parse_config(data)
+        return
+    assert _errors(data) == [expected]
+
+
+def test_serve_reward_config_obeys_the_same_rule():
+    """`keel serve reward` reads a RewardServerConfig, whose grpc section is the same GrpcConfig."""
+    from keel.config import validation_error_lines
+    from keel.reward.server import RewardServerConfig
+
+    data = yaml.safe_load((ROOT / "deploy" / "servers" / "reward.yaml").read_text())
+    RewardServerConfig.model_validate(data)
+    exposed = {**data, "grpc": {**data["grpc"], "host": "0.0.0.0", "auth": False}}
+    with pytest.raises(ValidationError) as info:
+        RewardServerConfig.model_validate(exposed)
+    assert validation_error_lines(info.value) == [
+        "grpc: host '0.0.0.0' is not a loopback address, so the servers need auth and TLS, but auth and TLS "
+        "(tls_cert, tls_key) is off: turn it on, bind 127.0.0.1, or set allow_insecure: true"
+    ]
+    mtls = {"host": "0.0.0.0", "tls_cert": "s.pem", "tls_key": "s.key", "tls_client_ca": "ca.pem"}
+    RewardServerConfig.model_validate({**data, "grpc": {**data["grpc"], **mtls}})
+    RewardServerConfig.model_validate({**data, "grpc": {**data["grpc"], **exposed["grpc"], "allow_insecure": True}})
+
+
+def test_grpc_example_sets_server_tls_for_its_exposed_servers():
+    """ppo_grpc_reward.yaml binds beyond loopback (its WeightService), so it carries the job's own
+    server certificate, and mutual TLS for its clients."""
+    grpc_cfg = load_config(ROOT / "deploy" / "configs" / "ppo_grpc_reward.yaml").transport.grpc
+    assert grpc_cfg.host == "0.0.0.0" and grpc_cfg.auth and not grpc_cfg.allow_insecure
+    assert grpc_cfg.tls_cert and grpc_cfg.tls_key and grpc_cfg.tls_ca
+    assert grpc_cfg.tls_client_ca and grpc_cfg.tls_client_cert and grpc_cfg.tls_client_key

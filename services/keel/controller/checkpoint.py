@@ -184,6 +184,17 @@ MAY_DIFFER = (
     "checkpoint.save_hf",
     "checkpoint.resume",
     "checkpoint.stop_grace_s",
+    # deadlines and restart budgets: how long to wait for a role, not what it computes
+    "controller.weight_sync_timeout_s",
+    "controller.rollout_timeout_s",
+    "controller.placement_timeout_s",
+    "controller.start_timeout_s",
+    "controller.score_timeout_s",
+    "controller.update_timeout_s",
+    "controller.control_timeout_s",
+    "controller.max_restarts",
+    "reward.outage_budget_s",
+    "learner.deepspeed.timeout_s",
 )
 
 
@@ -226,13 +237,13 @@ class RunCheckpoints:
         self.save_hf = save_hf
 
     def save(self, ctrl, finished: bool = False) -> Path:
-        import ray
         import torch
 
         staged = self.store.stage(ctrl.version)
-        ray.get([lr.save_checkpoint.remote(str(staged / "learner")) for lr in ctrl.learners])
+        on_learners = ctrl.supervisor.on_learners
+        on_learners("save_checkpoint", str(staged / "learner"), what="checkpoint save", step=ctrl.version)
         if self.save_hf:
-            ray.get([lr.save_hf.remote(str(staged / "hf")) for lr in ctrl.learners])
+            on_learners("save_hf", str(staged / "hf"), what="HF export", step=ctrl.version)
         ahead = ctrl.park_inflight()  # async: the batch generated for the next step, collected now
         if ahead is not None:
             torch.save(ahead, staged / "inflight.pt")
@@ -254,11 +265,11 @@ class RunCheckpoints:
     def restore(self, ctrl, path: Path) -> dict:
         """Bring a started controller (every actor up, weights at the initial policy) to the
         checkpoint at `path`; returns its state."""
-        import ray
         import torch
 
         state = self.store.read_state(path)
-        versions = ray.get([lr.load_checkpoint.remote(str(path / "learner")) for lr in ctrl.learners])
+        load = ctrl.supervisor.on_learners
+        versions = load("load_checkpoint", str(path / "learner"), what="checkpoint load", step=state["step"])
         if set(versions) != {state["step"]}:
             raise CheckpointError(f"{path}: learner ranks restored versions {versions}, expected {state['step']}")
         ctrl.version = state["step"]

@@ -64,11 +64,11 @@ def send_scale(job_id: str, replicas: int, timeout_s: float = 300.0) -> dict:
         actor = ray.get_actor(control_name(job_id), namespace=NAMESPACE)
     except ValueError:
         raise LookupError(f"no running keel job {job_id!r} on this cluster (no actor {control_name(job_id)})") from None
-    errors_before = ray.get(actor.status.remote())["error_count"]
-    ray.get(actor.request_rollout.remote(replicas))
     deadline = time.monotonic() + timeout_s
+    errors_before = ray.get(actor.status.remote(), timeout=timeout_s)["error_count"]
+    ray.get(actor.request_rollout.remote(replicas), timeout=max(1.0, deadline - time.monotonic()))
     while time.monotonic() < deadline:
-        status = ray.get(actor.status.remote())
+        status = ray.get(actor.status.remote(), timeout=max(1.0, deadline - time.monotonic()))
         if status["pending"] is None and status.get("rollout_replicas") == replicas:
             return status
         if status["pending"] is None and status["error_count"] > errors_before:

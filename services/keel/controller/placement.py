@@ -118,9 +118,10 @@ def in_group(pg, index: int) -> dict:
     }
 
 
-def rendezvous(pg, index: int) -> tuple[str, int]:
+def rendezvous(pg, index: int, timeout_s: float = 60.0) -> tuple[str, int]:
     """(node IP, free port) on the node holding bundle `index` of `pg`: where rank 0 of a process
-    group listens, so ranks on other nodes can reach it. Asked by a zero-CPU task in that bundle."""
+    group listens, so ranks on other nodes can reach it. Asked by a zero-CPU task in that bundle,
+    within `timeout_s`."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -131,4 +132,4 @@ def rendezvous(pg, index: int) -> tuple[str, int]:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    return ray.get(probe.options(**in_group(pg, index)).remote())
+    return ray.get(probe.options(**in_group(pg, index)).remote(), timeout=timeout_s)

@@ -47,26 +47,12 @@ class Joined:
         return torch.cat([f.result() for f in self.futures])
 
 
-def on_shards(actors: list, traj: Trajectories, traj_ref, call) -> Joined:
-    """`call(actor, shard)` (an actor-method call, returning its ObjectRef) on each actor, concurrently.
-    With one actor (or one shard) the batch's own object ref is passed, so nothing is copied;
-    otherwise each shard travels as its own object."""
-    parts = shard(traj, len(actors))
-    args = [traj_ref] if len(parts) == 1 else parts
-    return Joined([call(a, p).future() for a, p in zip(actors, args, strict=False)])
-
-
-class ReferencePool:
-    """The reference actors: (B, R) log pi_ref of a batch, sharded over them."""
-
-    def __init__(self, actors: list):
-        self.actors = actors
-
-    def submit(self, traj: Trajectories, traj_ref) -> Joined:
-        return on_shards(self.actors, traj, traj_ref, lambda actor, part: actor.logprobs.remote(part))
-
-
 # --------------------------------------------------------------------------- starting them
+
+
+# Ray starts a lost reward or reference actor again, as often as it is lost: they hold no state,
+# and the supervisor bounds how often one call is sent again (keel.controller.supervisor).
+ALWAYS = -1
 
 
 def start_rewards(cfg: RunConfig, group, env: dict[str, str], max_request_samples: int) -> list:
@@ -81,27 +67,25 @@ def start_rewards(cfg: RunConfig, group, env: dict[str, str], max_request_sample
     resources = cfg.reward.resources
     if cfg.transport.reward == "grpc":
         return [
-            remote(RewardServerRole, resources, env, in_group(group, i)).remote(
+            remote(RewardServerRole, resources, env, in_group(group, i), ALWAYS).remote(
                 cfg.reward, cfg.transport.grpc, max_request_samples
             )
             for i in range(cfg.reward.replicas)
         ]
     return [
-        remote(RewardModel, resources, placement=in_group(group, i)).remote(cfg.reward)
+        remote(RewardModel, resources, placement=in_group(group, i), max_restarts=ALWAYS).remote(cfg.reward)
         for i in range(cfg.reward.replicas)
     ]
 
 
-def start_references(cfg: RunConfig, group, temperature: float) -> ReferencePool:
+def start_references(cfg: RunConfig, group, temperature: float) -> list:
     """`reference.replicas` reference actors, one per bundle of the role's placement group."""
     from keel.reference.model import ReferenceModel
 
     ref = cfg.reference
-    return ReferencePool(
-        [
-            remote(ReferenceModel, ref.resources, placement=in_group(group, i)).remote(
-                reference_path(cfg), cfg.model.dtype, ref.micro_batch_size, temperature
-            )
-            for i in range(ref.replicas)
-        ]
-    )
+    return [
+        remote(ReferenceModel, ref.resources, placement=in_group(group, i), max_restarts=ALWAYS).remote(
+            reference_path(cfg), cfg.model.dtype, ref.micro_batch_size, temperature
+        )
+        for i in range(ref.replicas)
+    ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from keel.config import RunConfig, max_model_len, sampling_seed
 from keel.controller.actors import remote
 from keel.controller.placement import RoleRequest, in_group, place_roles
+from keel.controller.scaling import request_capacity
 
 
 @dataclass
@@ -34,16 +35,19 @@ class RolloutPool:
         self._free = list(range(cfg.rollout.replicas - 1, -1, -1))  # free bundles of the role's group (stack)
         self._env = env
         self._next_id = 0
+        self._asked_capacity = False  # a standing request to Ray's autoscaler (scale), withdrawn at shutdown
 
-    def start(self) -> list[dict]:
-        """Start `rollout.replicas` workers; returns their `ready()` reports."""
-        import ray
+    def start(self, timeout_s: float) -> list[dict]:
+        """Start `rollout.replicas` workers; returns their `ready()` reports (RoleFailed naming the
+        worker that is not ready within `timeout_s`, controller.start_timeout_s)."""
+        from keel.controller.supervisor import gather
 
         for _ in range(self.cfg.rollout.replicas):
             slot = Slot(self._group, self._free.pop(), owned=False)
             self.workers.append(self._new_worker(slot))
             self._slots.append(slot)
-        return ray.get([w.ready.remote() for w in self.workers])
+        calls = [(f"rollout worker {i}", w.ready.remote()) for i, w in enumerate(self.workers)]
+        return gather(calls, "start", None, timeout_s, "controller.start_timeout_s")
 
     def _new_worker(self, slot: Slot):
         from keel.rollout.worker import RolloutWorker
@@ -60,6 +64,7 @@ class RolloutPool:
         request = RoleRequest(
             f"rollout (scaling {len(self.workers)} -> {target} workers)", 1, self.cfg.rollout.resources
         )
+        # on an autoscaling cluster this wait includes starting a node (`scale` asked for it first)
         group = place_roles([request], self.cfg.controller.placement_timeout_s)[request.role]
         return Slot(group, 0, owned=True)
 
@@ -72,11 +77,18 @@ class RolloutPool:
             self._free.append(slot.index)
 
     def scale(self, n: int, channels, version: int) -> None:
-        """Grow or shrink to `n` workers; new ones connected and at weight `version` before they return."""
+        """Grow or shrink to `n` workers; new ones connected and at weight `version` before they return.
+
+        Ray's autoscaler is asked first for room for the run with `n` workers (`request_capacity`):
+        growing, new nodes start while the new workers' placement groups wait for them; shrinking,
+        the nodes the removed workers free may go once idle. A failed grow asks again for the
+        workers the pool keeps."""
         import ray
 
         if not 1 <= n <= self.cfg.controller.prompts_per_step:
             raise ValueError(f"rollout workers must be in [1, {self.cfg.controller.prompts_per_step}], got {n}")
+        request_capacity(self.cfg, n)
+        self._asked_capacity = True
         added: list[tuple[object, Slot]] = []
         try:
             while len(self.workers) + len(added) < n:
@@ -84,13 +96,14 @@ class RolloutPool:
                 added.append((self._new_worker(slot), slot))
             grpc_cfg, timeout = self.cfg.transport.grpc, self.cfg.controller.weight_sync_timeout_s
             for worker, _ in added:
-                ray.get(worker.ready.remote())
+                ray.get(worker.ready.remote(), timeout=self.cfg.controller.start_timeout_s)
                 channels.connect(worker, grpc_cfg)
                 channels.weights.catch_up(worker, version, timeout)
         except BaseException:
             for worker, slot in added:
                 ray.kill(worker)
                 self._release(slot)
+            request_capacity(self.cfg, len(self.workers))
             raise
         for worker, slot in added:
             self.workers.append(worker)
@@ -107,7 +120,7 @@ class RolloutPool:
         index = next(i for i, w in enumerate(self.workers) if w is worker)
         ray.kill(worker, no_restart=True)
         new = self._new_worker(self._slots[index])
-        ray.get(new.ready.remote(), timeout=self.cfg.controller.placement_timeout_s)
+        ray.get(new.ready.remote(), timeout=self.cfg.controller.start_timeout_s)
         channels.connect(new, self.cfg.transport.grpc)
         channels.weights.catch_up(new, version, self.cfg.controller.weight_sync_timeout_s)
         self.workers[index] = new
@@ -119,3 +132,8 @@ class RolloutPool:
         while self.workers:
             ray.kill(self.workers.pop())
             self._release(self._slots.pop())
+        if self._asked_capacity:  # the run is over: its nodes may go once idle
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])
+            self._asked_capacity = False

@@ -1,25 +1,49 @@
-"""Supervision of the role actors while a step runs: every wait has a deadline, and a rollout
-worker that dies or hangs is replaced and its prompts are generated again.
+"""The role actors' lifecycle: placement, start, deadlines, restarts, and the re-dispatch of a lost
+rollout worker's prompts. The loop (`keel.controller.loop`) only sequences a step; every actor it
+calls was started here, and every wait it makes has a deadline from config that names the role
+and the step when it fires.
 
-A rollout is launched as one chunk of prompts per worker, each with its own seed (the launch seed
-+ 101 x chunk index). `RolloutSupervisor.collect` waits for every chunk up to
-`controller.rollout_timeout_s`. A chunk whose worker died (killed, OOM, node gone) or did not
-answer in time is re-dispatched: the worker is killed, a new one takes its place in the same
-placement bundle, loads the current weights, and generates the same chunk with the same seed, so
-every prompt is trained exactly once and the samples are those the lost worker would have made
-(given the same weights). Replacements are counted (`rollout/restarts`), and a chunk that fails
-`max_attempts` times stops the step with an error naming the role and the step.
+Per role, what a loss costs:
+- rollout worker: a rollout is launched as one chunk of prompts per worker, each with its own seed
+  (the launch seed + 101 x chunk index). `Supervisor.collect` waits for every chunk up to
+  `controller.rollout_timeout_s`. A chunk whose worker died (killed, OOM, node gone) or did not
+  answer in time is re-dispatched: the worker is killed, a new one takes its place in the same
+  placement bundle, loads the current weights, and generates the same chunk with the same seed, so
+  every prompt is trained exactly once and the samples are those the lost worker would have made
+  (given the same weights). Replacements are counted (`rollout/restarts`).
+- reward and reference actors (`StatelessRole`): frozen models, no state. Ray starts a lost one
+  again in its bundle; a call that found its actor lost, or had no answer within
+  `controller.score_timeout_s` (the actor is then killed and started again), is sent again
+  (`reward/restarts`, `reference/restarts`).
+- learner ranks: a DeepSpeed process group cannot take a new member, so a lost rank (or one with
+  no answer within its deadline) raises `RoleFailed`; with `controller.max_restarts` the run is
+  started again from its latest checkpoint (`keel.controller.restarts`).
+
+A call that fails `max_attempts` times raises `RoleFailed`, naming the role and the step.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+from keel.config import RunConfig
+from keel.controller.actors import remote, thread_env
+from keel.controller.placement import in_group, place_roles, rendezvous, role_requests
+from keel.controller.replicas import Joined, shard, start_references, start_rewards
+from keel.controller.rollout_pool import RolloutPool
 from keel.trajectory import Trajectories
 
 
 class RoleFailed(RuntimeError):
-    """A role that did not recover within its budget: names the role and the step."""
+    """A role that did not recover within its budget: names the role and the step. The run can
+    start again from its latest checkpoint (controller.max_restarts)."""
+
+
+class RoleOutage(RuntimeError):
+    """A service the run depends on (the reward server) stayed unreachable past its budget: the run
+    stops at the step boundary with a checkpoint, and can be resumed once the service is back."""
 
 
 def actor_lost(err: BaseException) -> bool:
@@ -30,17 +54,190 @@ def actor_lost(err: BaseException) -> bool:
     return isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError | WorkerCrashedError)
 
 
-class RolloutSupervisor:
-    """Collects launched rollouts, replacing lost or hung workers (see the module docstring)."""
+def at_step(step: int | None) -> str:
+    return "at start" if step is None else f"at step {step}"
 
-    def __init__(self, pool, controller_cfg, max_attempts: int = 3, log=print):
-        self.pool = pool  # RolloutPool: owns the worker actors and their placement bundles
-        self.timeout_s = controller_cfg.rollout_timeout_s
-        self.weight_sync_timeout_s = controller_cfg.weight_sync_timeout_s
+
+def gather(calls: list[tuple[str, object]], what: str, step: int | None, timeout_s: float | None, setting: str) -> list:
+    """The results of `calls`, (who, ObjectRef) pairs, in order. `who` names the role and rank
+    ("learner rank 1"). A lost actor raises RoleFailed at once (the others may be waiting on it in
+    a collective); no answer from all within `timeout_s` raises RoleFailed naming who did not answer,
+    `what`, the step and the config `setting` (None: no deadline, for a call that is a whole
+    training run). Another error propagates, unless a lost peer that explains it shows up within a
+    few seconds."""
+    import ray
+
+    who = {ref: name for name, ref in calls}
+    pending = [ref for _, ref in calls]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+        if not ready:
+            late = ", ".join(who[r] for r in pending)
+            raise RoleFailed(f"{late}: {what} {at_step(step)} gave no answer within {setting} ({timeout_s:g}s)")
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:
+                if actor_lost(err):
+                    raise RoleFailed(f"{who[ref]}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
+                _raise_if_peer_lost(pending, who, what, step)
+                raise
+    return ray.get([ref for _, ref in calls])
+
+
+def _raise_if_peer_lost(pending: list, who: dict, what: str, step: int | None, wait_s: float = 5.0) -> None:
+    import ray
+
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception as err:
+            if actor_lost(err):
+                raise RoleFailed(f"{who[ref]}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
+
+
+class StatelessRole:
+    """Actors of a role with no state of their own (reward, reference), each taking a shard of a
+    batch. Ray starts a lost actor again (they are created with max_restarts); a call that finds
+    its actor lost or gets no answer in time is sent again once the actor is back."""
+
+    def __init__(self, name: str, actors: list, cfg, max_attempts: int = 3, log=print):
+        self.name = name  # "reward", "reference"
+        self.actors = actors
+        self.timeout_s = cfg.score_timeout_s
+        self.start_timeout_s = cfg.start_timeout_s
         self.max_attempts = max_attempts
         self.log = log
-        self.restarts = 0  # workers replaced over the run
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(actors)), thread_name_prefix=name)
+
+    def call(self, index: int, method: str, arg, step: int | None):
+        """`actors[index].method(arg)`, sent again after a loss or a missed deadline."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        actor = self.actors[index]
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return ray.get(getattr(actor, method).remote(arg), timeout=self.timeout_s)
+            except GetTimeoutError:
+                why = f"gave no answer within controller.score_timeout_s ({self.timeout_s:g}s)"
+                ray.kill(actor, no_restart=False)  # Ray starts it again
+            except Exception as err:
+                if not actor_lost(err):
+                    raise
+                why = f"lost ({type(err).__name__})"
+            if attempt == self.max_attempts:
+                break
+            with self._lock:
+                self.restarts += 1
+            self.log(f"{self.name} actor {index} {why} {at_step(step)}: started again, call sent again")
+            self._wait_back(actor, index, step)
+        raise RoleFailed(
+            f"{self.name} actor {index}: {method} failed {self.max_attempts} times {at_step(step)} ({why})"
+        )
+
+    def _wait_back(self, actor, index: int, step: int | None) -> None:
+        import ray
+
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:  # calls to an actor Ray is still restarting can fail fast; wait until it answers
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except Exception as err:
+                if time.monotonic() >= deadline:
+                    raise RoleFailed(
+                        f"{self.name} actor {index}: not back within controller.start_timeout_s "
+                        f"({self.start_timeout_s:g}s) {at_step(step)} ({type(err).__name__})"
+                    ) from err
+                time.sleep(0.5)
+
+    def submit(self, traj: Trajectories, traj_ref, method: str, step: int | None) -> Joined:
+        """`method` on each actor's contiguous shard of `traj`, concurrently (one actor: the batch's own
+        object ref, nothing copied); `.result()` joins them in batch order."""
+        parts = shard(traj, len(self.actors))
+        args = [traj_ref] if len(parts) == 1 else parts
+        return Joined([self._pool.submit(self.call, i, method, a, step) for i, a in enumerate(args)])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class Supervisor:
+    """Starts every role (see the module docstring) and supervises the calls a step makes."""
+
+    def __init__(self, cfg: RunConfig, log=print, max_attempts: int = 3):
+        self.cfg = cfg
+        self.timeouts = cfg.controller
+        self.max_attempts = max_attempts
+        self.log = log
+        self.groups: dict = {}
+        self.pool: RolloutPool | None = None  # the rollout workers and their placement bundles
+        self.learners: list = []
+        self.reward: StatelessRole | None = None  # the job's reward actors (none with an external server)
+        self.reference: StatelessRole | None = None
+        self.restarts = 0  # rollout workers replaced over the run
         self._replaced: dict[str, object] = {}  # actor id of a replaced worker -> its replacement
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, plan, largest_batch: int, logprob_temperature: float) -> list[dict]:
+        """Place every role, start its actors and wait until all are ready (each within
+        controller.start_timeout_s); returns the rollout workers' ready reports."""
+        from keel.controller.channels import grpc_token_env
+        from keel.learner.learner import Learner
+
+        cfg = self.cfg
+        self.groups = place_roles(role_requests(cfg), cfg.controller.placement_timeout_s)
+        grpc_env = grpc_token_env(cfg)
+        self.pool = RolloutPool(cfg, self.groups["rollout"], {**grpc_env, **thread_env(cfg.rollout.threads)})
+        rewards = start_rewards(cfg, self.groups.get("reward"), grpc_env, largest_batch)
+        if rewards:
+            self.reward = StatelessRole("reward", rewards, cfg.controller, self.max_attempts, self.log)
+        if cfg.reference.enabled:
+            references = start_references(cfg, self.groups["reference"], logprob_temperature)
+            self.reference = StatelessRole("reference", references, cfg.controller, self.max_attempts, self.log)
+        world = cfg.learner.replicas
+        # rank 0's node, reachable from the others
+        master_addr, port = rendezvous(self.groups["learner"], 0, cfg.controller.placement_timeout_s)
+        for rank in range(world):
+            dist_env = {
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": "0",
+            }
+            actor = remote(
+                Learner, cfg.learner.resources, {**dist_env, **grpc_env}, in_group(self.groups["learner"], rank)
+            )
+            self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
+        ready = self.pool.start(cfg.controller.start_timeout_s)
+        others = [(f"learner rank {r}", lr) for r, lr in enumerate(self.learners)]
+        for role in filter(None, (self.reward, self.reference)):
+            others += [(f"{role.name} actor {i}", a) for i, a in enumerate(role.actors)]
+        gather([(who, a.__ray_ready__.remote()) for who, a in others], "start", None, *self._deadline("start"))
+        return ready
+
+    def _deadline(self, kind: str) -> tuple[float, str]:
+        """(seconds, the setting's name) of controller.<kind>_timeout_s."""
+        setting = f"{kind}_timeout_s"
+        return getattr(self.timeouts, setting), f"controller.{setting}"
+
+    # ------------------------------------------------------------------ learner calls
+
+    def on_learners(self, method: str, *args, what: str | None = None, step: int | None = None, kind: str = "update"):
+        """`method(*args)` on every learner rank, each rank's result in rank order, within
+        controller.<kind>_timeout_s (RoleFailed naming the rank and the step otherwise)."""
+        refs = [(f"learner rank {r}", getattr(lr, method).remote(*args)) for r, lr in enumerate(self.learners)]
+        return gather(refs, what or method, step, *self._deadline(kind))
+
+    # ------------------------------------------------------------------ rollout
 
     def collect(self, flight, channels, version: int, step: int) -> list[Trajectories]:
         """Every chunk's trajectories, in chunk order. `version` is the weight version a replacement
@@ -49,10 +246,11 @@ class RolloutSupervisor:
 
         if flight.ready is not None:
             return flight.ready
+        timeout_s = self.timeouts.rollout_timeout_s
         rollout = channels.rollout
         results: dict[int, Trajectories] = {}
         pending = dict(enumerate(flight.refs))  # chunk -> ObjectRef
-        deadline = {i: time.monotonic() + self.timeout_s for i in pending}
+        deadline = {i: time.monotonic() + timeout_s for i in pending}
         attempts = dict.fromkeys(pending, 1)
         while pending:
             wait_s = max(0.0, min(deadline[i] for i in pending) - time.monotonic())
@@ -69,7 +267,7 @@ class RolloutSupervisor:
                         failed.append((i, f"lost ({type(err).__name__})"))
                 elif time.monotonic() >= deadline[i]:
                     del pending[i]
-                    failed.append((i, f"gave no answer within controller.rollout_timeout_s ({self.timeout_s:g}s)"))
+                    failed.append((i, f"gave no answer within controller.rollout_timeout_s ({timeout_s:g}s)"))
             for i, why in failed:
                 if attempts[i] >= self.max_attempts:
                     raise RoleFailed(
@@ -77,14 +275,16 @@ class RolloutSupervisor:
                     )
                 flight.workers[i] = self.replace(flight.workers[i], channels, version, why)
                 pending[i] = rollout.dispatch(flight.workers[i], flight.chunks[i], flight.seed, i)
-                deadline[i] = time.monotonic() + self.timeout_s
+                deadline[i] = time.monotonic() + timeout_s
                 attempts[i] += 1
         return [results[i] for i in range(len(flight.refs))]
 
-    def publish(self, channels, learners: list, version: int) -> dict[str, float]:
+    def publish(self, channels, version: int) -> dict[str, float]:
         """Weights `version` to every rollout worker; one that is gone or hung is replaced by a new
         worker loaded with those weights. Returns the weight channel's metrics."""
-        metrics, lost = channels.weights.publish(learners, self.pool.workers, version, self.weight_sync_timeout_s)
+        metrics, lost = channels.weights.publish(
+            self.learners, self.pool.workers, version, self.timeouts.weight_sync_timeout_s, step=version - 1
+        )
         for worker in lost:
             self.replace(worker, channels, version, "lost during the weight update")
         return metrics
@@ -100,3 +300,29 @@ class RolloutSupervisor:
         self.restarts += 1
         self.log(f"rollout worker {why}: replaced (restart {self.restarts}); its prompts go to the new one")
         return new
+
+    def metrics(self) -> dict[str, float]:
+        out = {"rollout/restarts": float(self.restarts), "rollout/workers": float(len(self.pool.workers))}
+        for role in filter(None, (self.reward, self.reference)):
+            out[f"{role.name}/restarts"] = float(role.restarts)
+        return out
+
+    # ------------------------------------------------------------------ stop
+
+    def shutdown(self) -> None:
+        """Stop every role actor; their resources go back to the cluster."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self.pool is not None:
+            self.pool.shutdown()
+        for role in filter(None, (self.reward, self.reference)):
+            role.close()
+            for actor in role.actors:
+                ray.kill(actor)
+        for actor in self.learners:
+            ray.kill(actor)
+        self.learners = []
+        for pg in self.groups.values():
+            remove_placement_group(pg)
+        self.groups = {}

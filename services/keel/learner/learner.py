@@ -131,7 +131,11 @@ def make_engine(
     return engine
 
 
-def init_distributed(backend: str) -> tuple[int, int]:
+def init_distributed(backend: str, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join the process group (rank and world size from the environment); a collective that waits
+    on a lost rank fails after `timeout_s` (deepspeed.timeout_s) instead of torch's 10-30 minutes."""
+    from datetime import timedelta
+
     import deepspeed
 
     from keel.learner import ds_ops
@@ -150,7 +154,7 @@ def init_distributed(backend: str) -> tuple[int, int]:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -161,7 +165,7 @@ class Learner:
         self.algorithm = algorithm
         self.plan = plan
         self.model_cfg = model
-        self.rank, self.world_size = init_distributed(learner.deepspeed.backend)
+        self.rank, self.world_size = init_distributed(learner.deepspeed.backend, learner.deepspeed.timeout_s)
         torch.manual_seed(plan.seed)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -61,7 +61,7 @@ class OfflineTrainer(ABC):
 
     def __init__(self, cfg: OfflineRun):
         self.cfg = cfg
-        self.rank, self.world = init_distributed(cfg.trainer.deepspeed.backend)
+        self.rank, self.world = init_distributed(cfg.trainer.deepspeed.backend, cfg.trainer.deepspeed.timeout_s)
         torch.manual_seed(cfg.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -384,6 +384,7 @@ def _run_on_ray(
 
     from keel.controller.actors import free_port, remote
     from keel.controller.placement import RoleRequest, in_group, place_roles
+    from keel.controller.supervisor import gather
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
@@ -396,7 +397,10 @@ def _run_on_ray(
         env |= {"WORLD_SIZE": str(t.replicas), "LOCAL_RANK": "0"}
         ranks.append(remote(_Rank, t.resources, env, in_group(groups["trainer"], rank)).remote(trainer_cls, cfg))
     try:
-        results = ray.get([r.fit.remote(str(out), resume) for r in ranks])
+        # a whole training run: no deadline of its own; a lost rank is reported at once, and the
+        # survivors' collectives fail after deepspeed.timeout_s
+        calls = [(f"trainer rank {i}", r.fit.remote(str(out), resume)) for i, r in enumerate(ranks)]
+        results = gather(calls, "training", None, None, "")
     finally:
         from ray.util.placement_group import remove_placement_group
 

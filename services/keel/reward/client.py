@@ -1,7 +1,9 @@
 """RewardClient: scores over gRPC with per-call deadlines and retries on UNAVAILABLE.
 
-Retries back off exponentially with full jitter; when the retry budget is spent the client
-raises `RewardUnavailable`, so a training step never goes on with a missing reward.
+Retries back off exponentially with full jitter; when the retry budget is spent, or the server
+says it is overloaded, the client raises `RewardUnavailable` (the controller rides out such an
+outage for reward.outage_budget_s), and a bad sample or a refused call raises `RewardError`, so a
+training step never goes on with a missing reward.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from keel.transport.security import GrpcClient
 
 
 class RewardUnavailable(Unavailable):
-    """The reward server could not be reached within the retry budget."""
+    """The reward server could not be reached within the retry budget, or answered that it is
+    overloaded or too slow: worth trying again later (the controller does, for reward.outage_budget_s)."""
+
+
+def transient(err: grpc.RpcError) -> bool:
+    """A failure that may pass: the server down or restarting (UNAVAILABLE), overloaded
+    (RESOURCE_EXHAUSTED, but not a message over the size limit, which stays too large), or late
+    (DEADLINE_EXCEEDED). A bad sample, a wrong token or a server bug is not."""
+    code = err.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "larger than max" not in (err.details() or "")
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RewardClient(GrpcClient, Scorer):
@@ -67,9 +80,10 @@ class RewardClient(GrpcClient, Scorer):
                 RewardUnavailable,
             )
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RewardError(f"reward server {self.address}: {err.details()}") from None
-            raise RewardUnavailable(f"reward server {self.address}: {err.code().name}: {err.details()}") from None
+            what = f"reward server {self.address}: {err.code().name}: {err.details()}"
+            if transient(err):
+                raise RewardUnavailable(what) from None
+            raise RewardError(what) from None
         if len(reply.scores) != len(prompts):
             raise RewardError(f"reward server {self.address}: {len(reply.scores)} scores for {len(prompts)} samples")
         self.scorer = reply.scorer

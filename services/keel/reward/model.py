@@ -52,6 +52,18 @@ def fill_defaults(prompts: list[str], metadata, ids) -> tuple[list[dict[str, str
     return metadata or [{} for _ in prompts], ids or [str(i) for i in range(len(prompts))]
 
 
+def checked_scores(values: list, ids: list[str], name: str, clip: float | None) -> torch.Tensor:
+    """(B,) float32 scores from what a scorer returned for the samples `ids`: one finite number per
+    sample (a RewardError names the first that is not), clipped to [-clip, clip] when set."""
+    if len(values) != len(ids):
+        raise RewardError(f"reward {name}: returned {len(values)} scores for {len(ids)} samples")
+    for i, v in enumerate(values):
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            raise RewardError(f"reward {name}: sample {ids[i]} (row {i}) scored {v!r}, not a finite number")
+    scores = torch.tensor(values, dtype=torch.float32)
+    return scores.clamp(-clip, clip) if clip is not None else scores
+
+
 class RewardModel(Scorer):
     """Scores batches. The controller wraps it in a Ray actor; `keel serve reward` in a gRPC server."""
 
@@ -81,16 +93,10 @@ class RewardModel(Scorer):
                 f"reward: {len(prompts)} prompts, {len(responses)} responses, {len(metadata)} metadata rows"
             )
         raw = self._score(prompts, responses, metadata)
-        values = raw.tolist() if isinstance(raw, torch.Tensor) else list(raw)
-        if len(values) != len(prompts):
-            raise RewardError(f"reward {self.name}: returned {len(values)} scores for {len(prompts)} samples")
-        for i, v in enumerate(values):
-            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-                raise RewardError(f"reward {self.name}: sample {ids[i]} (row {i}) scored {v!r}, not a finite number")
-        scores = torch.tensor(values, dtype=torch.float32)
-        if self.cfg.clip is not None:
-            scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
-        self.samples += len(values)
+        scores = checked_scores(
+            raw.tolist() if isinstance(raw, torch.Tensor) else list(raw), ids, self.name, self.cfg.clip
+        )
+        self.samples += len(scores)
         return scores
 
     def samples_scored(self) -> int:

@@ -368,6 +368,9 @@ class RunningRewardServer:
         self._loop.close()
 
     def stop(self, grace_s: float) -> None:
+        """Stop serving (in-flight calls get `grace_s`); stopping a stopped server does nothing."""
+        if self._loop.is_closed():
+            return
         self._run(self.server.stop(grace_s))
         self._close_loop()
 

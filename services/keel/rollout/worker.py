@@ -14,7 +14,7 @@ import torch
 
 from keel.config import GrpcConfig, ModelConfig, RolloutConfig, SamplingConfig
 from keel.data.prompts import Prompt
-from keel.models.loading import load_tokenizer
+from keel.models.loading import DTYPES, load_tokenizer
 from keel.rollout.base import Generator
 from keel.trajectory import Trajectories, pad_prompts_and_responses
 
@@ -47,6 +47,10 @@ class RolloutWorker:
         self.generator = make_generator(model, rollout, self.tokenizer, max_model_len, seed)
         self.weight_version = 0
         self._specs = self.generator.weight_specs()
+        # what the learner sends: the same names and shapes, floating tensors in model.dtype (a
+        # checkpoint saved in another dtype is cast on load); a weight manifest must match it exactly
+        wire = DTYPES[model.dtype]
+        self._wire_specs = {k: (shape, wire if dt.is_floating_point else dt) for k, (shape, dt) in self._specs.items()}
         self._weights = None  # WeightClient, once connected
         self._pusher = None  # TrajectoryPusher, once connected
 
@@ -106,7 +110,7 @@ class RolloutWorker:
         from keel.transport.trajectories import TrajectoryPusher
         from keel.transport.weights import WeightClient
 
-        self._weights = WeightClient(grpc_cfg, weights) if weights else None
+        self._weights = WeightClient(grpc_cfg, weights, expected=self._wire_specs) if weights else None
         self._pusher = TrajectoryPusher(grpc_cfg, trajectories, self.worker_id) if trajectories else None
 
     def pull_weights(self, version: int = 0) -> int:

@@ -3,14 +3,21 @@ call, optional TLS, bounded message sizes, and INVALID_ARGUMENT for a request wh
 parse (`add_servicer`).
 
 The token comes from an environment variable or a file, never from the command line (where
-`ps` would show it). Health checks (`grpc.health.v1.Health`) answer without a token so that
+`ps` would show it) nor from a Ray runtime_env (which Ray keeps in its job and actor tables, for
+the dashboard to show). Health checks (`grpc.health.v1.Health`) answer without a token so that
 Kubernetes probes work; every other method needs it.
+
+Mutual TLS: with `tls_client_ca` servers refuse a client without a certificate signed by it, and
+clients present `tls_client_cert`.
 """
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import os
+import shutil
+import tempfile
 from concurrent import futures
 from pathlib import Path
 
@@ -27,11 +34,23 @@ class SecurityConfigError(ValueError):
     """The gRPC security settings cannot be used; names the setting."""
 
 
+def handed_token_env(cfg: GrpcConfig) -> str:
+    """The variable that holds the path of a token file handed over by a driver: `<token_env>_FILE`."""
+    return f"{cfg.token_env}_FILE"
+
+
 def load_token(cfg: GrpcConfig) -> str | None:
-    """The bearer token: env var `cfg.token_env`, else the file `cfg.token_file`. None when auth is off."""
+    """The bearer token: env var `cfg.token_env`, else the file a driver handed over in
+    `$<token_env>_FILE` (when it is on this node), else the file `cfg.token_file`. None when auth is off."""
     if not cfg.auth:
         return None
     token = os.environ.get(cfg.token_env, "").strip()
+    handed = os.environ.get(handed_token_env(cfg), "")
+    if not token and handed:
+        try:
+            token = Path(handed).read_text().strip()
+        except OSError:
+            pass  # written on the driver's node only: elsewhere token_file or the node's env must hold it
     if not token and cfg.token_file:
         try:
             token = Path(cfg.token_file).read_text().strip()
@@ -41,10 +60,39 @@ def load_token(cfg: GrpcConfig) -> str | None:
             ) from None
     if not token:
         where = f"${cfg.token_env}" + (f" or {cfg.token_file}" if cfg.token_file else "")
+        hint = (
+            f"; the driver's token file {handed} is not on this node: set ${cfg.token_env} in the environment of "
+            "`ray start` on every node, or mount transport.grpc.token_file there"
+            if handed
+            else ""
+        )
         raise SecurityConfigError(
-            f"transport.grpc.auth is on but no token was found in {where} (set auth: false to run without one)"
+            f"transport.grpc.auth is on but no token was found in {where} (set auth: false to run without one){hint}"
         )
     return token
+
+
+def hand_over_token(cfg: GrpcConfig) -> dict[str, str]:
+    """For a driver whose token is in its environment: the env vars that let the processes it starts
+    find the token, without the token itself (they go in a Ray runtime_env, which anyone who can
+    read the dashboard sees).
+
+    The token is written to a new file that only this user can read (0600, in a 0700 directory,
+    deleted when this process exits), and only its path is handed over, as `$<token_env>_FILE`.
+    It reaches processes on this node even when Ray was started without the token; processes on
+    other nodes read their own environment or `cfg.token_file`. {} when auth is off or the token
+    is not in this process's environment.
+    """
+    token = os.environ.get(cfg.token_env, "").strip() if cfg.auth else ""
+    if not token:
+        return {}
+    folder = tempfile.mkdtemp(prefix="keel-token-")  # mode 0700
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return {handed_token_env(cfg): path}
 
 
 def message_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
@@ -135,7 +183,12 @@ def _read(path: str, setting: str) -> bytes:
 def _bind(server, cfg: GrpcConfig, port: int) -> int:
     address = f"{cfg.host}:{port}"
     if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials([(_read(cfg.tls_key, "tls_key"), _read(cfg.tls_cert, "tls_cert"))])
+        client_ca = _read(cfg.tls_client_ca, "tls_client_ca") if cfg.tls_client_ca else None
+        creds = grpc.ssl_server_credentials(
+            [(_read(cfg.tls_key, "tls_key"), _read(cfg.tls_cert, "tls_cert"))],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,  # mutual TLS: no valid client certificate, no handshake
+        )
         bound = server.add_secure_port(address, creds)
     else:
         bound = server.add_insecure_port(address)
@@ -252,20 +305,49 @@ def advertised_address(cfg: GrpcConfig, port: int) -> str:
     return f"{host}:{port}"
 
 
+NO_CLIENT_CERT = (
+    "transport.grpc.tls_client_cert: tls_client_ca is set, so this job's servers ask for a client certificate, "
+    "and its own clients have none to present"
+)
+
+
 def make_channel(cfg: GrpcConfig, address: str, server_name: str | None = None) -> grpc.Channel:
     """A client channel to `address` with the same size limits, over TLS when the config has TLS:
-    verified against cfg.tls_ca, or the system's roots when only a server certificate is set
-    (the job's own servers use it, so its own clients must speak TLS too).
+    verified against cfg.tls_ca, or the system's roots when only a certificate is set (the job's
+    own servers use tls_cert, so its own clients must speak TLS too). With tls_client_cert the
+    client presents it (mutual TLS).
 
     `server_name` overrides the name checked against the server certificate.
     """
     options = message_options(cfg)
-    if cfg.tls_ca or cfg.tls_cert:
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        roots = _read(cfg.tls_ca, "tls_ca") if cfg.tls_ca else None
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
-    return grpc.insecure_channel(address, options=options)
+    if not (cfg.tls_ca or cfg.tls_cert or cfg.tls_client_cert):
+        return grpc.insecure_channel(address, options=options)
+    if cfg.tls_client_ca and not cfg.tls_client_cert:
+        raise SecurityConfigError(NO_CLIENT_CERT)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    roots = _read(cfg.tls_ca, "tls_ca") if cfg.tls_ca else None
+    key, chain = (None, None)
+    if cfg.tls_client_cert:
+        key, chain = _read(cfg.tls_client_key, "tls_client_key"), _read(cfg.tls_client_cert, "tls_client_cert")
+    creds = grpc.ssl_channel_credentials(roots, private_key=key, certificate_chain=chain)
+    return grpc.secure_channel(address, creds, options=options)
+
+
+TLS_FILES = ("tls_cert", "tls_key", "tls_ca", "tls_client_ca", "tls_client_cert", "tls_client_key")
+
+
+def job_tls_problems(cfg: GrpcConfig) -> list[str]:
+    """For a job that both serves and calls with `cfg`: TLS files that are missing, and servers
+    that ask for client certificates its own clients do not have (one line per problem)."""
+    problems = []
+    for setting in TLS_FILES:
+        path = getattr(cfg, setting)
+        if path and not Path(path).is_file():
+            problems.append(f"transport.grpc.{setting}: {path} does not exist")
+    if cfg.tls_client_ca and not cfg.tls_client_cert:
+        problems.append(NO_CLIENT_CERT)
+    return problems
 
 
 def call_metadata(cfg: GrpcConfig) -> tuple[tuple[str, str], ...]:

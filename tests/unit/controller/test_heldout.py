@@ -75,14 +75,14 @@ def test_metrics_are_the_training_kl_reward_length_and_task_metric():
 
 
 def test_a_bad_held_out_file_stops_the_run_before_anything_is_placed(tiny_model_dir, tmp_path, monkeypatch):
-    from keel.controller import loop
+    from keel.controller import loop, supervisor
     from keel.data.rows import DataError
     from keel.data.tasks import arithmetic_rows, write_jsonl
 
     def place_roles(*_):
         raise AssertionError("roles were placed")
 
-    monkeypatch.setattr(loop, "place_roles", place_roles)
+    monkeypatch.setattr(supervisor, "place_roles", place_roles)
     prompts = write_jsonl(arithmetic_rows(16), tmp_path / "prompts.jsonl")
     held_out = write_jsonl([{"prompt": "1+1="}], tmp_path / "eval.jsonl")  # no answer for the reward
     cfg = _cfg(tiny_model_dir, data={"prompts": str(prompts), "eval_prompts": str(held_out)})
@@ -90,4 +90,4 @@ def test_a_bad_held_out_file_stops_the_run_before_anything_is_placed(tiny_model_
     with pytest.raises(DataError, match=r"eval.jsonl.*1.*missing metadata field 'answer'"):
         controller.start()
     controller.metrics_file.close()
-    assert controller.groups == {} and controller.rewards == []
+    assert controller.supervisor.groups == {} and controller.supervisor.reward is None

@@ -45,5 +45,5 @@ def test_a_run_reserves_a_bundle_per_reward_and_reference_replica():
     assert (requests["reward"].replicas, requests["reference"].replicas) == (3, 2)
     assert requests["reward"].total() == {"CPU": 1.5}  # 3 x the default 0.5 CPU
     external = {**base, "reward": {**base["reward"], "replicas": 1}}
-    external["transport"] = {"reward": "grpc", "grpc": {"reward_address": "rm:50051"}}
+    external["transport"] = {"reward": "grpc", "grpc": {"reward_address": "rm:50051", "tls_ca": "ca.pem"}}
     assert "reward" not in {r.role for r in role_requests(parse_config(external))}  # its server is elsewhere
