@@ -170,7 +170,7 @@ _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$"
 class RewardModelSource(Section):
     """Score with an HF sequence-classification model (one logit)."""
 
-    type: Literal["model"] = "model"
+    type: Literal["model"] = Field("model", description="Selects this kind of source.")
     path: str = Field(description="Path to an HF AutoModelForSequenceClassification checkpoint with num_labels=1.")
     batch_size: PositiveInt = Field(16, description="Samples per forward pass.")
     max_tokens: PositiveInt = Field(
@@ -181,7 +181,7 @@ class RewardModelSource(Section):
 class RewardFunctionSource(Section):
     """Score with a Python function `fn(prompts, responses, metadata) -> list[float]`."""
 
-    type: Literal["function"] = "function"
+    type: Literal["function"] = Field("function", description="Selects this kind of source.")
     function: str = Field(description='Import reference "package.module:function".')
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to the function on every call."
