@@ -214,6 +214,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
         if not open_run_finished(out):
             print(f"{args.kind}: stopped with a checkpoint in {out}; run the same command to resume")
             return EXIT_STOPPED
+    _write_plots(out)
     print(f"wrote {args.kind} model to {out}")
     return EXIT_OK
 
@@ -367,8 +368,36 @@ def cmd_train(args: argparse.Namespace) -> int:
             restarts = f"after {runner.restarts} restart(s) (controller.max_restarts {cfg.controller.max_restarts})"
             _err(f"error: {err}; the run stops {restarts}; the latest checkpoint stays, run again to resume")
             return EXIT_FAILED
+    _write_plots(run_dir)
     print(f"run directory: {run_dir}")
     return EXIT_STOPPED if runner.stop_requested else EXIT_OK
+
+
+def _write_plots(run_dir) -> None:
+    """The run's curves into run_dir/plots (a plotting problem is reported, never fatal to the run)."""
+    from keel.telemetry.plots import plot_run
+
+    try:
+        written = plot_run(run_dir)
+    except Exception as err:  # the run itself is done and saved
+        _err(f"plots: not written ({type(err).__name__}: {err})")
+        return
+    print(f"plots: {len(written)} PNGs in {run_dir}/plots")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from keel.telemetry.plots import NoMetrics, plot_run
+
+    try:
+        written = plot_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    except NoMetrics as err:
+        _err(str(err))
+        return EXIT_BAD_INPUT
+    for path in written:
+        print(path)
+    return EXIT_OK
 
 
 def stop_on_signals(request_stop: Callable[[], None], grace_s: float):
@@ -669,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force-new", action="store_true", help="start over in --run-dir, moving a previous run there aside"
     )
     train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="PNG curves of a run's metrics (reward, KL, losses, lengths, step time)")
+    plot.add_argument("run_dir", help="a keel train run directory, or a keel sft/rm/dpo output directory")
+    plot.add_argument("--out", help="where the PNGs go (default RUN_DIR/plots)")
+    plot.set_defaults(func=cmd_plot)
 
     address_help = "Ray Jobs API address, http://HEAD:8265 (default: $RAY_ADDRESS)"
     submit = sub.add_parser("submit", help="run `keel train` as a job on a Ray cluster (Ray Jobs API)")

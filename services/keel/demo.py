@@ -366,29 +366,10 @@ PLOTS = {
 
 
 def write_plots(out: Path, histories: dict[str, list[dict]]) -> list[Path]:
-    """One PNG per stage: each metric of PLOTS against the step."""
-    import matplotlib
+    """One PNG per stage that logged anything: each metric of PLOTS against the step."""
+    from keel.telemetry.plots import plot_groups
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for stage, keys in PLOTS.items():
-        history = histories.get(stage, [])
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-        for ax, key in zip(axes[0], keys, strict=True):
-            points = [(m["step"], m[key]) for m in history if m.get(key) is not None]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="." if len(points) < 30 else None)
-            ax.set_title(key)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"keel demo: {stage}")
-        fig.tight_layout()
-        path = out / f"{stage}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written += plot_groups(histories.get(stage, []), {stage: keys}, out, "keel demo")
     return written

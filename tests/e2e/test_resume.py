@@ -92,6 +92,8 @@ def straight(demo_inputs, tmp_path_factory):
     config = _config(base, *demo_inputs)
     done = _train(config, base / "straight")
     assert done.returncode == 0, done.stderr[-3000:]
+    # keel train leaves the run's curves beside its metrics
+    assert (base / "straight" / "plots" / "reward.png").read_bytes()[:4] == b"\x89PNG"
     return config, base / "straight"
 
 
