@@ -351,23 +351,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # a lost learner rank (or a role that keeps failing) starts every role again from the latest
     # checkpoint, up to controller.max_restarts times (keel.controller.restarts)
+    from keel.telemetry.status import clear_error, record_error
+
+    def failed(message: str, code: int = EXIT_FAILED) -> int:
+        _err(message)
+        record_error(run_dir, message)  # keel status RUN_DIR shows it
+        return code
+
     runner = RunRestarts(cfg, run_dir, resume_from=checkpoint)
+    clear_error(run_dir)
     with stop_on_signals(runner.request_stop, cfg.checkpoint.stop_grace_s):
         try:
             runner.run(on_step=line)
         except PlacementError as err:
-            _err(str(err))
-            return EXIT_FAILED
+            return failed(str(err))
         except DataError as err:  # a bad prompt or held-out prompt file: read before any actor starts
-            _err(f"data error: {err}")
-            return EXIT_BAD_INPUT
+            return failed(f"data error: {err}", EXIT_BAD_INPUT)
         except RoleOutage as err:  # stopped at a step boundary, with a checkpoint
-            _err(f"error: {err}")
-            return EXIT_FAILED
+            return failed(f"error: {err}")
         except RoleFailed as err:
             restarts = f"after {runner.restarts} restart(s) (controller.max_restarts {cfg.controller.max_restarts})"
-            _err(f"error: {err}; the run stops {restarts}; the latest checkpoint stays, run again to resume")
-            return EXIT_FAILED
+            return failed(f"error: {err}; the run stops {restarts}; the latest checkpoint stays, run again to resume")
+        except Exception as err:
+            record_error(run_dir, f"{type(err).__name__}: {err}")
+            raise
     _write_plots(run_dir)
     print(f"run directory: {run_dir}")
     return EXIT_STOPPED if runner.stop_requested else EXIT_OK
@@ -546,11 +553,33 @@ def _job_command(fn):
 
 @_job_command
 def cmd_status(args: argparse.Namespace) -> int:
-    from keel.controller import jobs
+    """A run directory's status (read from its files), or a submitted job's (from the cluster);
+    with --watch, again every few seconds until the run or job has ended."""
+    import time
+    from pathlib import Path
 
-    info = jobs.status(args.address, args.job)
-    print(f"{info['job']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
-    return EXIT_OK
+    from keel.controller import jobs
+    from keel.telemetry.status import format_status, run_status
+
+    ended = ("finished", "failed", "not running")
+    while True:
+        if Path(args.job).is_dir():
+            try:
+                info = run_status(Path(args.job))
+            except FileNotFoundError as err:
+                _err(str(err))
+                return EXIT_BAD_INPUT
+            text, over = format_status(info), info["state"].startswith(ended + ("stopped",))
+        else:
+            job = jobs.status(args.address, args.job)
+            text = f"{job['job']}: {job['status']}" + (f" ({job['message']})" if job["message"] else "")
+            over = job["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
+        if args.watch and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # a terminal: redraw in place
+        print(text, flush=True)
+        if not args.watch or over:
+            return EXIT_OK
+        time.sleep(args.watch)
 
 
 @_job_command
@@ -716,12 +745,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.set_defaults(func=cmd_submit)
     for name, func, text in (
-        ("status", cmd_status, "a job's status"),
+        ("status", cmd_status, "a run directory's status (progress, reward and KL, speed, ETA, checkpoint) or a job's"),
         ("stop", cmd_stop, "stop a job and its actors"),
         ("logs", cmd_logs, "a job's log"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("job", help="job id (printed by keel submit)")
+        if name == "status":
+            cmd.add_argument("job", metavar="RUN_DIR|JOB", help="a keel train run directory, or a job id")
+            cmd.add_argument(
+                "--watch", type=float, nargs="?", const=5.0, default=0.0, help="refresh every N seconds (default 5)"
+            )
+        else:
+            cmd.add_argument("job", help="job id (printed by keel submit)")
         cmd.add_argument("--address", help=address_help)
         if name == "stop":
             cmd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to stop")

@@ -277,3 +277,36 @@ def test_train_refuses_a_missing_held_out_file_or_metric_before_starting(tmp_pat
     assert lines[0] == f"keel: config error: {path}: data.eval_prompts: gone.jsonl does not exist"
     assert lines[1].startswith(f"keel: config error: {path}: data.eval_task_metric: cannot import module 'no_mod'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_train_leaves_its_error_for_keel_status(tmp_path, tiny_model_dir):
+    import os
+
+    from keel.data.tasks import arithmetic_rows, write_jsonl
+
+    prompts = write_jsonl(arithmetic_rows(8), tmp_path / "prompts.jsonl")
+    config = {
+        "model": {"policy": str(tiny_model_dir)},
+        "data": {"prompts": str(prompts), "metadata_fields": ["answer"]},
+        "rollout": {"backend": "hf", "resources": {"num_cpus": 0.25, "custom": {"gpu_node": 1}}},
+        "reward": {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}},
+        "controller": {"steps": 2, "prompts_per_step": 4},
+        "algorithm": {"mini_batch_size": 4},
+        "learner": {"micro_batch_size": 4, "resources": {"num_cpus": 0.5}},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray of its own
+    out = subprocess.run(
+        [KEEL, "train", "--config", str(path), "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 1 and "cannot place role 'rollout'" in out.stderr
+    status = run("status", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0].endswith("failed, step 0/2 (0%)")
+    assert "error    cannot place role 'rollout'" in status.stdout

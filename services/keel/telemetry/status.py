@@ -1,0 +1,151 @@
+"""`keel status RUN_DIR`: where a run stands, read from its run directory alone (it may be running,
+stopped, finished or dead; nothing needs to be up).
+
+    demo-ppo: running, step 12/40 (30%), ETA 1m24s
+      reward   +0.212  (+0.048 over the last 10 steps)    kl 0.0131    length 3.2
+      speed    21.4 samples/s, 3.0 s/step    rollout workers 2 (1 replaced)
+      eval     after step 10: reward +0.230  task 0.410
+      checkpoint step-000010 (2m ago)
+      error    learner rank 1: lost during update at step 7 (...)   <- the last error, when the run died
+
+From config.yaml (the total of steps), metrics.jsonl, checkpoints/ and error.txt (written by
+`keel train` when it ends with an error, removed when it starts again).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from keel.telemetry.plots import read_metrics
+
+ERROR_FILE = "error.txt"
+
+
+def record_error(run_dir: Path, message: str) -> None:
+    """Leave the error a run ended with where `keel status` finds it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / ERROR_FILE).write_text(message.rstrip() + "\n")
+
+
+def clear_error(run_dir: Path) -> None:
+    (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)
+
+
+def run_status(run_dir: Path, now: float | None = None) -> dict:
+    """What `format_status` prints, as a dict. Raises FileNotFoundError when `run_dir` holds no run."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not config.is_file() and not metrics.is_file():
+        raise FileNotFoundError(f"{run_dir}: no keel train run here (no config.yaml or metrics.jsonl)")
+    now = time.time() if now is None else now
+    cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    lines = read_metrics(metrics) if metrics.is_file() else []
+    steps = [m for m in lines if "reward_mean" in m]
+    evals = [m for m in lines if any(k.startswith("eval/") for k in m)]
+    total = (cfg.get("controller") or {}).get("steps")
+    done = steps[-1]["step"] + 1 if steps else 0
+    info: dict = {"name": cfg.get("name", run_dir.name), "done": done, "total": total}
+    if steps:
+        last, recent = steps[-1], steps[-10:]
+        info |= {
+            "reward": last["reward_mean"],
+            "reward_change": last["reward_mean"] - recent[0]["reward_mean"] if len(recent) > 1 else None,
+            "change_over": len(recent) - 1,
+            "kl": last.get("kl"),
+            "length": last.get("response_length"),
+            "samples_per_s": _mean(recent, "samples_per_s"),
+            "step_time": _mean(recent, "step_time"),
+            "workers": last.get("rollout/workers"),
+            "replaced": last.get("rollout/restarts"),
+            "run_restarts": last.get("run/restarts"),
+        }
+        if total and info["step_time"]:
+            info["eta_s"] = max(0, total - done) * info["step_time"]
+    if evals:
+        info["eval"] = evals[-1]
+    info["checkpoint"] = _latest_checkpoint(run_dir, now)
+    error = run_dir / ERROR_FILE
+    info["error"] = error.read_text().strip() if error.is_file() else None
+    info["state"] = _state(info, metrics, now)
+    return info
+
+
+def _mean(lines: list[dict], key: str) -> float | None:
+    values = [m[key] for m in lines if isinstance(m.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def _latest_checkpoint(run_dir: Path, now: float) -> dict | None:
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    age = now - state_file.stat().st_mtime
+    return {"name": path.name, "step": state["step"], "finished": state["finished"], "age_s": age}
+
+
+def _state(info: dict, metrics: Path, now: float) -> str:
+    checkpoint = info["checkpoint"]
+    if checkpoint and checkpoint["finished"]:
+        return "finished"
+    if info["error"]:
+        return "failed"
+    if metrics.is_file() and info.get("step_time") and now - metrics.stat().st_mtime < max(60.0, 5 * info["step_time"]):
+        return "running"
+    return "stopped (run the same keel train command to resume)" if checkpoint else "not running"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_status(info: dict) -> str:
+    total = info["total"]
+    progress = f"step {info['done']}/{total} ({100 * info['done'] / total:.0f}%)" if total else f"step {info['done']}"
+    head = f"{info['name']}: {info['state']}, {progress}"
+    if info["state"] == "running" and "eta_s" in info:
+        head += f", ETA {_duration(info['eta_s'])}"
+    out = [head]
+    if "reward" in info:
+        change = info["reward_change"]
+        trend = f"  ({change:+.3f} over the last {info['change_over']} steps)" if change is not None else ""
+        kl = f"    kl {info['kl']:.4f}" if info.get("kl") is not None else ""
+        length = f"    length {info['length']:.1f}" if info.get("length") is not None else ""
+        out.append(f"  reward   {info['reward']:+.3f}{trend}{kl}{length}")
+        speed = []
+        if info.get("samples_per_s"):
+            speed.append(f"{info['samples_per_s']:.1f} samples/s, {info['step_time']:.1f} s/step")
+        if info.get("workers") is not None:
+            replaced = f" ({info['replaced']:.0f} replaced)" if info.get("replaced") else ""
+            speed.append(f"rollout workers {info['workers']:.0f}{replaced}")
+        if info.get("run_restarts"):
+            speed.append(f"run restarted {info['run_restarts']:.0f}x")
+        if speed:
+            out.append("  speed    " + "    ".join(speed))
+    if "eval" in info:
+        m = info["eval"]
+        task = f"  task {m['eval/task_metric']:.3f}" if "eval/task_metric" in m else ""
+        out.append(f"  eval     after step {m['step']}: reward {m['eval/reward_mean']:+.3f}{task}")
+    checkpoint = info["checkpoint"]
+    if checkpoint:
+        final = ", final" if checkpoint["finished"] else ""
+        out.append(f"  checkpoint {checkpoint['name']}{final} ({_duration(checkpoint['age_s'])} ago)")
+    else:
+        out.append("  checkpoint none yet")
+    if info["error"]:
+        out.append(f"  error    {info['error']}")
+    return "\n".join(out)
