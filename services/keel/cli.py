@@ -476,13 +476,17 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
             _err(f"config error: {args.config}: {err}")
         return EXIT_BAD_INPUT
 
+    server = RewardServer(cfg)
+
     def ready(port: int) -> None:
         g = cfg.grpc
         tls = "mutual TLS" if g.tls_client_ca else "TLS" if g.tls_cert else "no TLS"
         print(f"reward server on {g.host}:{port} (auth {'on' if g.auth else 'off'}, {tls})", flush=True)
+        if server.metrics_port is not None:
+            print(f"metrics: http://{g.host}:{server.metrics_port}/metrics", flush=True)
 
     try:
-        asyncio.run(RewardServer(cfg).serve_until_signal(on_ready=ready))
+        asyncio.run(server.serve_until_signal(on_ready=ready))
     except (SecurityConfigError, RewardError) as err:
         _err(f"config error: {args.config}: {err}")
         return EXIT_BAD_INPUT

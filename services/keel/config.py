@@ -655,6 +655,13 @@ class LoggingConfig(Section):
     console: Literal["rich", "plain", "none"] = Field("plain", description="Per-step console output.")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_every: PositiveInt = Field(1, description="Print a console line every this many steps.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics from the controller on this port (0 = any free port), bound to "
+        "transport.grpc.host; unset = off.",
+    )
     eval_every: int = Field(
         0,
         ge=0,

@@ -155,6 +155,10 @@ class ActorReward:
     def submit(self, traj: Trajectories, traj_ref, step: int | None) -> Joined:
         return self.role.submit(traj, traj_ref, "score_trajectories", step)
 
+    def take_latencies(self) -> list[float]:
+        """Seconds of each scoring call (a shard) answered since the last take."""
+        return self.role.take_latencies()
+
     def metrics(self) -> dict[str, float]:
         return {}
 
@@ -181,6 +185,7 @@ class GrpcReward:
         self.log = log
         self.outage_s = 0.0  # time spent waiting for a server, over the run
         self.redials = 0  # reconnections to a server found at a new address
+        self.latencies: list[float] = []  # seconds of each answered call since the last take_latencies
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="reward-client")
 
@@ -197,7 +202,10 @@ class GrpcReward:
         while True:
             client = self.clients[index]
             try:
+                called = time.perf_counter()
                 values = client.score_trajectories(part).tolist()
+                with self._lock:
+                    self.latencies.append(time.perf_counter() - called)
                 break
             except RewardUnavailable as err:
                 failed = True
@@ -236,6 +244,12 @@ class GrpcReward:
             with self._lock:
                 self.redials += 1
             self.log(f"reward server now at {address} (was {old.address})")
+
+    def take_latencies(self) -> list[float]:
+        """Seconds of each answered scoring call (a shard) since the last take."""
+        with self._lock:
+            out, self.latencies = self.latencies, []
+        return out
 
     def metrics(self) -> dict[str, float]:
         return {"reward/outage_s": self.outage_s, "reward/redials": float(self.redials)}

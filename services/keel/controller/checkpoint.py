@@ -177,6 +177,7 @@ MAY_DIFFER = (
     "logging.console",
     "logging.level",
     "logging.log_every",
+    "logging.metrics_port",
     "logging.run_dir",
     "output_dir",
     "checkpoint.every_steps",

@@ -117,6 +117,7 @@ class Controller:
         self._last_wait = 0.0  # how long the last step waited for its rollout
         self.stale_dropped = 0  # async batches dropped as too old
         self.prompt_log: list[list[str]] = []  # prompt ids of every trained batch, per step
+        self.exporter = None  # Prometheus /metrics (logging.metrics_port)
 
     @property
     def rollout(self) -> list:
@@ -175,6 +176,11 @@ class Controller:
         for channel, address in self.channels.addresses.items():
             self.log(f"{channel} over gRPC: {address}")
         self._start_control()
+        if cfg.logging.metrics_port is not None:
+            from keel.telemetry.prometheus import RunExporter
+
+            self.exporter = RunExporter(cfg.transport.grpc.host, cfg.logging.metrics_port)
+            self.log(f"metrics: http://{cfg.transport.grpc.host}:{self.exporter.port}/metrics")
         if self.resume_from is not None:
             self.checkpoints.restore(self, self.resume_from)
             self.log(f"resuming from {self.resume_from} at step {self.version} of {cfg.controller.steps}")
@@ -356,6 +362,9 @@ class Controller:
             **learn,
         }
         self._record(m)
+        reward_calls = self.channels.reward.take_latencies()  # taken every step, so they never pile up
+        if self.exporter is not None:
+            self.exporter.record_step(m, self.run_restarts, reward_calls)
         return m
 
     def _record(self, m: dict) -> None:
@@ -483,6 +492,9 @@ class Controller:
         if self.control is not None:
             ray.kill(self.control)
             self.control = None
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
 
 
 def _is_eval(metrics: dict) -> bool:

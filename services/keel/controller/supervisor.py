@@ -112,6 +112,7 @@ class StatelessRole:
         self.max_attempts = max_attempts
         self.log = log
         self.restarts = 0
+        self.latencies: list[float] = []  # seconds of each answered call since the last take_latencies
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(actors)), thread_name_prefix=name)
 
@@ -122,8 +123,12 @@ class StatelessRole:
 
         actor = self.actors[index]
         for attempt in range(1, self.max_attempts + 1):
+            start = time.perf_counter()
             try:
-                return ray.get(getattr(actor, method).remote(arg), timeout=self.timeout_s)
+                result = ray.get(getattr(actor, method).remote(arg), timeout=self.timeout_s)
+                with self._lock:
+                    self.latencies.append(time.perf_counter() - start)
+                return result
             except GetTimeoutError:
                 why = f"gave no answer within controller.score_timeout_s ({self.timeout_s:g}s)"
                 ray.kill(actor, no_restart=False)  # Ray starts it again
@@ -163,6 +168,11 @@ class StatelessRole:
         parts = shard(traj, len(self.actors))
         args = [traj_ref] if len(parts) == 1 else parts
         return Joined([self._pool.submit(self.call, i, method, a, step) for i, a in enumerate(args)])
+
+    def take_latencies(self) -> list[float]:
+        with self._lock:
+            out, self.latencies = self.latencies, []
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -48,6 +48,13 @@ class RewardServerConfig(Section):
     )
     max_concurrency: int = Field(64, ge=1, description="In-flight calls; more are refused with RESOURCE_EXHAUSTED.")
     grace_s: float = Field(30.0, ge=0.0, description="On SIGTERM, time in-flight calls get to finish.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics (requests by code, latency, batch sizes) on this port (0 = any "
+        "free port), bound to grpc.host; unset = off.",
+    )
 
 
 @dataclass
@@ -108,6 +115,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.batches = 0  # how many scorer calls were made (for tests and metrics)
+        self.exporter = None  # RewardServerExporter, when metrics_port is set
         self.abandoned = False  # close() gave up on a scorer call that did not return
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._thread = ScoringThread()
@@ -170,6 +178,8 @@ class DynamicBatcher:
 
     async def _call(self, prompts, responses, metadata, ids) -> list[float]:
         self.batches += 1
+        if self.exporter is not None:
+            self.exporter.batch_size.observe(len(prompts))
         future = self._thread.submit(self.model.score, prompts, responses, metadata, ids)
         return (await asyncio.wrap_future(future)).tolist()
 
@@ -246,6 +256,21 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.max_samples = max_samples
 
     async def Score(self, request, context):
+        exporter, start = self.batcher.exporter, time.perf_counter()
+        try:
+            reply = await self._score(request, context)
+        except BaseException:
+            if exporter is not None:
+                code = context.code() if hasattr(context, "code") else None
+                exporter.requests.labels(getattr(code, "name", "CANCELLED")).inc()
+            raise
+        if exporter is not None:
+            exporter.requests.labels("OK").inc()
+            exporter.latency.observe(time.perf_counter() - start)
+            exporter.samples.inc(len(request.samples))
+        return reply
+
+    async def _score(self, request, context):
         if not request.samples:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "samples: empty request")
         if len(request.samples) > self.max_samples:
@@ -282,6 +307,7 @@ class RewardServer:
     def __init__(self, cfg: RewardServerConfig):
         self.cfg = cfg
         self.port: int | None = None
+        self.metrics_port: int | None = None  # /metrics, when cfg.metrics_port is set
         self.batcher: DynamicBatcher | None = None
 
     async def start(self) -> int:
@@ -296,6 +322,11 @@ class RewardServer:
         cfg = self.cfg
         model = RewardModel(cfg.reward)
         self.batcher = DynamicBatcher(model, cfg.max_batch_size, cfg.max_wait_ms)
+        if cfg.metrics_port is not None:
+            from keel.telemetry.prometheus import RewardServerExporter
+
+            self.batcher.exporter = RewardServerExporter(cfg.grpc.host, cfg.metrics_port)
+            self.metrics_port = self.batcher.exporter.port
         self._server, self.port = make_aio_server(cfg.grpc, cfg.port, max_concurrency=cfg.max_concurrency)
         servicer = RewardServicer(self.batcher, model.name, cfg.max_request_samples)
         add_servicer(self._server, reward_pb2.DESCRIPTOR.services_by_name["RewardService"], servicer)
@@ -315,6 +346,8 @@ class RewardServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
         await self.batcher.close(max(0.0, deadline - time.monotonic()))
+        if self.batcher.exporter is not None:
+            self.batcher.exporter.close()
 
     async def serve_until_signal(self, on_ready=None) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully (what `keel serve reward` runs).
