@@ -49,55 +49,26 @@ def _lines(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _delay_reference(actor, marker: Path, seconds: float) -> None:
-    """The reference's next forward passes touch `marker`, then sleep `seconds` (gone once Ray
-    starts the actor again: a new process runs the constructor)."""
+def _slow_down(actor, owner: str, method: str, seconds: float, marker: Path | None = None) -> None:
+    """From now on, the actor's `self.<owner>.<method>` (`self.<method>` with no owner) touches
+    `marker` (when given), then sleeps `seconds` before it runs. Gone once Ray starts the actor
+    again: a new process runs the constructor. The reference's `model.forward`: its call is in
+    progress; a learner rank's `policy.backward`: its peers wait for it in the gradient all-reduce."""
     import ray
 
-    def patch(self, marker, seconds):
-        original = self.model.forward
+    def patch(self, owner, method, seconds, marker):
+        target = getattr(self, owner) if owner else self
+        original = getattr(target, method)
 
         def slow(*args, **kwargs):
-            Path(marker).touch()
+            if marker:
+                Path(marker).touch()
             time.sleep(seconds)
             return original(*args, **kwargs)
 
-        self.model.forward = slow
+        setattr(target, method, slow)
 
-    ray.get(actor.__ray_call__.remote(patch, str(marker), seconds), timeout=60)
-
-
-def _delay_backward(learner, marker: Path, seconds: float) -> None:
-    """The learner rank's next backward passes touch `marker`, then sleep `seconds`: its peers wait
-    for it in the gradient all-reduce meanwhile."""
-    import ray
-
-    def patch(self, marker, seconds):
-        original = self.policy.backward
-
-        def slow(*args, **kwargs):
-            Path(marker).touch()
-            time.sleep(seconds)
-            return original(*args, **kwargs)
-
-        self.policy.backward = slow
-
-    ray.get(learner.__ray_call__.remote(patch, str(marker), seconds), timeout=60)
-
-
-def _hang_reward(actor) -> None:
-    import ray
-
-    def patch(self):
-        original = self._score
-
-        def hung(*args, **kwargs):
-            time.sleep(3600)
-            return original(*args, **kwargs)
-
-        self._score = hung
-
-    ray.get(actor.__ray_call__.remote(patch), timeout=60)
+    ray.get(actor.__ray_call__.remote(patch, owner, method, seconds, str(marker) if marker else None), timeout=60)
 
 
 def _kill_when(marker: Path, pid: int, killed: list) -> threading.Thread:
@@ -125,10 +96,10 @@ def test_reference_killed_mid_call_and_reward_hung_are_started_again(demo_inputs
         sup = controller.supervisor
         if m["step"] == 0:  # step 1: the reference is killed by the OS while it computes
             reference = sup.reference.actors[0]
-            _delay_reference(reference, marker, 5.0)
+            _slow_down(reference, "model", "forward", 5.0, marker)
             _kill_when(marker, _pid(reference), killed)
         if m["step"] == 1:  # step 2: the reward actor hangs
-            _hang_reward(sup.reward.actors[0])
+            _slow_down(sup.reward.actors[0], "", "_score", 3600.0)  # hangs
 
     controller.start()
     try:
@@ -234,7 +205,7 @@ def test_a_learner_rank_killed_mid_run_restarts_every_role_from_the_checkpoint(d
         done_at.append((m["step"], time.monotonic()))
         if m["step"] == 1 and not killed:  # rank 1 dies in step 2's backward, rank 0 waiting on it
             rank = runner.controller.learners[1]
-            _delay_backward(rank, marker, 5.0)
+            _slow_down(rank, "policy", "backward", 5.0, marker)
             _kill_when(marker, _pid(rank), killed)
 
     t0 = time.monotonic()

@@ -77,26 +77,27 @@ def gather(calls: list[tuple[str, object]], what: str, step: int | None, timeout
             late = ", ".join(who[r] for r in pending)
             raise RoleFailed(f"{late}: {what} {at_step(step)} gave no answer within {setting} ({timeout_s:g}s)")
         for ref in ready:
-            try:
-                ray.get(ref)
-            except Exception as err:
-                if actor_lost(err):
-                    raise RoleFailed(f"{who[ref]}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
-                _raise_if_peer_lost(pending, who, what, step)
-                raise
+            err = _error_unless_lost(ref, who[ref], what, step)
+            if err is not None:
+                # a collective's survivor fails when a peer dies: a lost peer is the error to report
+                peers, _ = ray.wait(pending, num_returns=len(pending), timeout=5.0) if pending else ([], [])
+                for peer in peers:
+                    _error_unless_lost(peer, who[peer], what, step)
+                raise err
     return ray.get([ref for _, ref in calls])
 
 
-def _raise_if_peer_lost(pending: list, who: dict, what: str, step: int | None, wait_s: float = 5.0) -> None:
+def _error_unless_lost(ref, who: str, what: str, step: int | None) -> Exception | None:
+    """The error a finished call ended with (None: it succeeded); RoleFailed when its actor is lost."""
     import ray
 
-    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
-    for ref in ready:
-        try:
-            ray.get(ref)
-        except Exception as err:
-            if actor_lost(err):
-                raise RoleFailed(f"{who[ref]}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
+    try:
+        ray.get(ref)
+    except Exception as err:
+        if actor_lost(err):
+            raise RoleFailed(f"{who}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
+        return err
+    return None
 
 
 class StatelessRole:
