@@ -215,7 +215,7 @@ class GrpcReward:
                         f"reward: server {client.address} unreachable for {waited:.0f}s {at_step(step)}, past "
                         f"reward.outage_budget_s ({self.budget_s:g}s): {err}"
                     ) from None
-                self.log(f"reward server {client.address} {at_step(step)}: {err}; trying again ({waited:.0f}s so far)")
+                self.log(f"{err} ({at_step(step)}); trying again ({waited:.0f}s so far)")
                 time.sleep(min(delay, max(0.0, self.budget_s - waited)) * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
                 self._redial(index, self.budget_s - (time.monotonic() - start))

@@ -23,7 +23,8 @@ def _state(seed=0):
 
 
 @pytest.fixture
-def serve():
+def weight_address():
+    """start(servicer) -> the address of a WeightService serving it on 127.0.0.1 (stopped after the test)."""
     servers = []
 
     def start(servicer):
@@ -32,12 +33,17 @@ def serve():
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        return weights_pb2_grpc.WeightServiceStub(channel)
+        return f"127.0.0.1:{port}"
 
     yield start
     for s in servers:
         s.stop(None)
+
+
+@pytest.fixture
+def serve(weight_address):
+    """start(servicer) -> a stub of that WeightService."""
+    return lambda servicer: weights_pb2_grpc.WeightServiceStub(grpc.insecure_channel(weight_address(servicer)))
 
 
 def test_round_trip_in_many_small_chunks(serve):
@@ -179,23 +185,6 @@ def _claim_total(m):
 def _lack_tensor(m):
     m.total_bytes -= m.tensors[1].nbytes
     del m.tensors[1]
-
-
-@pytest.fixture
-def weight_address():
-    servers = []
-
-    def start(servicer):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for s in servers:
-        s.stop(None)
 
 
 @pytest.mark.parametrize(
