@@ -14,7 +14,6 @@ From config.yaml (the total of steps), metrics.jsonl, checkpoints/ and error.txt
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -80,16 +79,13 @@ def _mean(lines: list[dict], key: str) -> float | None:
 
 
 def _latest_checkpoint(run_dir: Path, now: float) -> dict | None:
-    root = run_dir / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
+    from keel.controller.checkpoint import STATE_FILE, CheckpointStore
+
+    path = CheckpointStore(run_dir / "checkpoints", 1).latest()
+    if path is None:
         return None
-    path = root / pointer.read_text().strip()
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        return None
-    state = json.loads(state_file.read_text())
-    age = now - state_file.stat().st_mtime
+    state = CheckpointStore.read_state(path)
+    age = now - (path / STATE_FILE).stat().st_mtime
     return {"name": path.name, "step": state["step"], "finished": state["finished"], "age_s": age}
 
 
