@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv at the repo root and install Keel with the cpu+dev extras.
+# Create (or reuse) .venv at the repo root and install Keel with the cpu+dev+trackers extras.
 # Idempotent: a second run with nothing changed takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${KEEL_EXTRAS:-cpu,dev}
+EXTRAS=${KEEL_EXTRAS:-cpu,dev,trackers}
 VENV=.venv
 STAMP=$VENV/.keel-installed
 

@@ -137,11 +137,13 @@ def _missing(fields: list[tuple[str, str | None]]) -> list[str]:
 
 
 def offline_preflight(cfg) -> list[str]:
-    """Files an SFT / RM / DPO config names that are not there."""
+    """Files an SFT / RM / DPO config names that are not there, and trackers that are not installed."""
+    from keel.telemetry.sinks import tracker_problems
+
     fields = [("model.path", cfg.model.path), ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)]
     if cfg.model.tokenizer:
         fields.append(("model.tokenizer", cfg.model.tokenizer))
-    return _missing(fields + [("reference", getattr(cfg, "reference", None))])
+    return _missing(fields + [("reference", getattr(cfg, "reference", None))]) + tracker_problems(cfg.logging.trackers)
 
 
 def eval_preflight(cfg) -> list[str]:
@@ -159,6 +161,11 @@ def _metric_line(kind: str, m: dict) -> str:
     prefix = f"eval/{kind}/" if held_out else f"{kind}/"
     shown = "  ".join(f"{k[len(prefix) :]} {v:.4g}" for k, v in m.items() if k.startswith(prefix))
     return f"{kind} step {m['step']:5d}  {'held out: ' if held_out else ''}{shown}"
+
+
+def _metric_values(kind: str, m: dict) -> dict:
+    """A training step's row of the rich console's table: the step and the `kind/` metrics."""
+    return {"step": m["step"], **{k[len(kind) + 1 :]: v for k, v in m.items() if k.startswith(f"{kind}/")}}
 
 
 def cmd_offline(args: argparse.Namespace) -> int:
@@ -195,20 +202,29 @@ def cmd_offline(args: argparse.Namespace) -> int:
     if start.replaced is not None:
         print(f"{args.kind}: the previous run's files in {out} are now in {start.replaced}", flush=True)
 
+    from keel.telemetry.console import Console
+
+    console = Console(cfg.logging.console)
+
     def show(m: dict) -> None:
         if "note" in m:
-            print(f"{args.kind}: data: {m['note']}", flush=True)
-        elif any(k.startswith("eval/") for k in m) or m["step"] % args.log_every == 0 or m["step"] == 1:
-            print(_metric_line(args.kind, m), flush=True)
+            console.log(f"{args.kind}: data: {m['note']}")
+        elif any(k.startswith("eval/") for k in m):
+            console.log(_metric_line(args.kind, m))
+        else:
+            shown = m["step"] % args.log_every == 0 or m["step"] == 1
+            console.step(_metric_values(args.kind, m), _metric_line(args.kind, m) if shown else None)
 
     from keel.learner.offline import STOP_FILE
 
     try:
         with stop_on_signals(lambda: (out / STOP_FILE).touch(), cfg.checkpoint.stop_grace_s):
-            run_offline(trainer, cfg, out, show, start)
+            run_offline(trainer, cfg, out, show, start, progress=console)
     except DataError as err:
         _err(f"data error: {err}")
         return EXIT_BAD_INPUT
+    finally:
+        console.close()
     if (out / STOP_FILE).exists():
         (out / STOP_FILE).unlink()
         if not open_run_finished(out):
@@ -238,11 +254,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_BAD_INPUT
     _role_env()
+    from keel.telemetry.console import Console
+
+    console = Console("rich")  # progress bars on a terminal, plain lines in a log (an eval config has no logging)
     try:
-        result = evaluate(cfg)
+        result = evaluate(cfg, log=console.log, progress=console)
     except DataError as err:
         _err(f"data error: {err}")
         return EXIT_BAD_INPUT
+    finally:
+        console.close()
     out = Path(args.out or cfg.output or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}/eval.json")
     print(f"wrote {write_eval(result, out)}")
     return EXIT_OK
@@ -260,10 +281,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def preflight(cfg) -> list[str]:
     """Problems that would only surface inside an actor: missing files, unimportable reward,
-    a gRPC channel without its token or TLS files."""
+    a gRPC channel without its token or TLS files; and trackers that are not installed."""
     from pathlib import Path
 
-    problems = []
+    from keel.telemetry.sinks import tracker_problems
+
+    problems = tracker_problems(cfg.logging.trackers)
     for field, path in (("model.policy", cfg.model.policy), ("data.prompts", cfg.data.prompts)):
         if not Path(path).exists():
             problems.append(f"{field}: {path} does not exist")
@@ -340,14 +363,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from keel.controller.placement import PlacementError
     from keel.controller.supervisor import RoleFailed, RoleOutage
     from keel.data.rows import DataError
+    from keel.telemetry.console import Console
 
-    def line(m: dict) -> None:
-        if cfg.logging.console != "none" and m["step"] % cfg.logging.log_every == 0:
-            print(
-                f"step {m['step'] + 1:4d}/{cfg.controller.steps}  reward {m['reward_mean']:+.3f}  kl {m['kl']:.4f}  "
-                f"len {m['response_length']:.1f}  gap {m['rollout/logprob_gap_mean']:.1e}  {m['step_time']:.1f}s",
-                flush=True,
-            )
+    console = Console(cfg.logging.console)  # the step lines, and progress of the long operations
+    steps = cfg.controller.steps
+
+    def show(m: dict, bar) -> None:
+        bar.update(m["step"] + 1)
+        shown = m["step"] % cfg.logging.log_every == 0
+        console.step(_step_values(m, steps), _step_line(m, steps) if shown else None)
 
     # a lost learner rank (or a role that keeps failing) starts every role again from the latest
     # checkpoint, up to controller.max_restarts times (keel.controller.restarts)
@@ -358,11 +382,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         record_error(run_dir, message)  # keel status RUN_DIR shows it
         return code
 
-    runner = RunRestarts(cfg, run_dir, resume_from=checkpoint)
+    runner = RunRestarts(cfg, run_dir, log=console.log, resume_from=checkpoint, progress=console)
     clear_error(run_dir)
     with stop_on_signals(runner.request_stop, cfg.checkpoint.stop_grace_s):
         try:
-            runner.run(on_step=line)
+            with console.task("train", steps, state["step"] if state is not None else 0) as bar:
+                runner.run(on_step=lambda m: show(m, bar))
         except PlacementError as err:
             return failed(str(err))
         except DataError as err:  # a bad prompt or held-out prompt file: read before any actor starts
@@ -375,9 +400,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         except Exception as err:
             record_error(run_dir, f"{type(err).__name__}: {err}")
             raise
+        finally:
+            console.close()
     _write_plots(run_dir)
     print(f"run directory: {run_dir}")
     return EXIT_STOPPED if runner.stop_requested else EXIT_OK
+
+
+def _step_line(m: dict, steps: int) -> str:
+    """A training step's console line (logging.console plain)."""
+    return (
+        f"step {m['step'] + 1:4d}/{steps}  reward {m['reward_mean']:+.3f}  kl {m['kl']:.4f}  "
+        f"len {m['response_length']:.1f}  gap {m['rollout/logprob_gap_mean']:.1e}  {m['step_time']:.1f}s"
+    )
+
+
+def _step_values(m: dict, steps: int) -> dict:
+    """A training step's row of the rich console's table."""
+    return {
+        "step": f"{m['step'] + 1}/{steps}",
+        "reward": m["reward_mean"],
+        "kl": m["kl"],
+        "len": m["response_length"],
+        "gap": m["rollout/logprob_gap_mean"],
+        "samples/s": m["samples_per_s"],
+        "time_s": m["step_time"],
+    }
 
 
 def _write_plots(run_dir) -> None:

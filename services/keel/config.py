@@ -41,7 +41,12 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 class Resources(Section):
     """What one replica of a role asks the Ray scheduler for."""
 
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (fractions allowed, e.g. 0.5 in tests).")
+    num_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs per replica (fractions allowed, e.g. 0.5 in tests). A CPU role's torch threads: in sync "
+        "mode every core of its node (the phases take turns), in async mode max(1, int(num_cpus)).",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
     memory_gb: float | None = Field(
         None, gt=0, description="Memory to reserve per replica, in GiB; unset = no reservation."
@@ -71,10 +76,23 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype for rollout, reference and learner (float32 on CPU)."
     )
+    precision: Literal["full", "mixed"] = Field(
+        "full",
+        description="full: compute in model.dtype. mixed: weights, gradients and optimizer state stay float32 "
+        "(model.dtype must be float32) and matmuls run in bfloat16 (autocast) in the learner, reference and HF "
+        "rollout; log-probs, losses and the KL are taken in float32. A vLLM rollout then runs in bfloat16 and is "
+        "sent bfloat16 weights. On CPU it pays on processors with bfloat16 matmul units (AVX-512 BF16, AMX).",
+    )
     max_prompt_tokens: PositiveInt = Field(
         128, description="Prompts longer than this are handled per data.overlong_prompts."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the checkpoint.")
+
+    @model_validator(mode="after")
+    def _mixed_needs_float32(self) -> ModelConfig:
+        if self.precision == "mixed" and self.dtype != "float32":
+            raise ValueError(f"precision mixed keeps float32 weights: model.dtype must be float32, got {self.dtype}")
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -158,7 +176,9 @@ class RolloutConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend: vllm).")
     threads: PositiveInt | None = Field(
-        None, description="CPU threads per worker (torch and OpenMP); unset = the library default."
+        None,
+        description="CPU threads per worker (torch and OpenMP); unset = as resources.num_cpus says (sync: every "
+        "core of the worker's node; async: max(1, int(num_cpus))).",
     )
 
 
@@ -367,7 +387,7 @@ class AlgorithmConfig(Section):
         "token-mean",
         description="How per-token losses reduce to a scalar, over the whole mini-batch however it is split: "
         "token-mean (every token weighs the same), seq-mean-token-mean (every sequence), seq-mean-token-sum, "
-        "seq-mean-token-sum-norm (Dr. GRPO: token sums / rollout.sampling.max_new_tokens)."
+        "seq-mean-token-sum-norm (Dr. GRPO: token sums / rollout.sampling.max_new_tokens).",
     )
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch before the update (gae).")
     ppo_epochs: PositiveInt = Field(1, description="Passes over each rollout batch.")
@@ -648,11 +668,81 @@ class CheckpointConfig(Section):
     )
 
 
-class LoggingConfig(Section):
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+class WandbConfig(Section):
+    """Weights & Biases (logging.trackers lists wandb)."""
+
+    project: str | None = Field(None, min_length=1, description="W&B project; default: the config's `name`.")
+    entity: str | None = Field(
+        None, min_length=1, description="W&B entity (user or team) that owns the project; default: your default one."
+    )
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: the W&B run is written under RUN_DIR/wandb only, with no network (`wandb sync "
+        "RUN_DIR/wandb/offline-run-*` uploads it later); online: streamed to the W&B server as the run goes (needs "
+        "`wandb login` or WANDB_API_KEY). Either way the W&B run is named after the run directory and holds the "
+        "config; a resumed run is a new W&B run of the same name.",
+    )
+
+
+class MlflowConfig(Section):
+    """MLflow (logging.trackers lists mlflow)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow tracking URI: a server (http://host:5000) or a directory; default: a file store in "
+        "RUN_DIR/mlruns (`mlflow ui --backend-store-uri RUN_DIR/mlruns` shows it).",
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow experiment (made when missing); default: the config's `name`. The MLflow run in it is "
+        "named after the run directory, holds the config as parameters, and a resumed run continues it.",
+    )
+
+
+class OutputConfig(Section):
+    """What a command prints as it runs, and the trackers its metrics go to besides metrics.jsonl."""
+
+    console: Literal["rich", "plain", "none"] = Field(
+        "plain",
+        description="rich: a live progress bar with a table of the last steps' metrics, and a progress bar for each "
+        "long operation (tokenization, model loading, training, evaluation); when stdout is not a terminal it prints "
+        "what plain prints. plain: one line per step (keel train: every logging.log_every steps; keel sft/rm/dpo: "
+        "--log-every) and a line as each long operation starts and ends. none: nothing per step or operation "
+        "(messages and evaluation results still print).",
+    )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where the metrics go besides metrics.jsonl (always written): tensorboard (event files in "
+        "RUN_DIR/tensorboard), wandb (logging.wandb), mlflow (logging.mlflow). Each needs its Python package "
+        "(tensorboard; wandb; mlflow-skinny or mlflow): a missing one stops the command before anything starts. "
+        "Trackers get the numeric metrics of each step, at the step of metrics.jsonl; [] = metrics.jsonl only.",
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases, when trackers lists it.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow, when trackers lists it.")
+
+    @model_validator(mode="after")
+    def _trackers_used(self) -> OutputConfig:
+        """Each tracker once; a tracker's section set to other than its defaults only when the tracker is on
+        (a config dump, every default written out, loads again). This section is always `logging`."""
+        for tracker in TRACKERS:
+            if self.trackers.count(tracker) > 1:
+                raise _FieldError("logging.trackers", f"{tracker} is listed more than once")
+        defaults = {"wandb": WandbConfig(), "mlflow": MlflowConfig()}
+        for tracker, default in defaults.items():
+            if getattr(self, tracker) != default and tracker not in self.trackers:
+                raise _FieldError(f"logging.{tracker}", f"set, but logging.trackers does not list {tracker}")
+        return self
+
+
+class LoggingConfig(OutputConfig):
     """Metrics and console output."""
 
     run_dir: str | None = Field(None, description="Run directory; default runs/<timestamp>. --run-dir overrides.")
-    console: Literal["rich", "plain", "none"] = Field("plain", description="Per-step console output.")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_every: PositiveInt = Field(1, description="Print a console line every this many steps.")
     metrics_port: int | None = Field(
@@ -854,6 +944,10 @@ class OfflineRun(Section):
     output_dir: str | None = Field(
         None, description="Where the HF model, metrics.jsonl, keel_config.yaml and checkpoints/ go."
     )
+    logging: OutputConfig = Field(
+        default_factory=OutputConfig,
+        description="Console output, and the trackers the metrics go to (RUN_DIR is the output directory).",
+    )
 
     @model_validator(mode="after")
     def _batches_divide(self) -> OfflineRun:
@@ -987,6 +1081,13 @@ def tokenizer_path(cfg: RunConfig) -> str:
 
 def sampling_seed(cfg: RunConfig) -> int:
     return cfg.rollout.sampling.seed if cfg.rollout.sampling.seed is not None else cfg.seed
+
+
+def rollout_dtype(model: ModelConfig, rollout: RolloutConfig) -> str:
+    """The dtype of the rollout's weights, and of the weights the learner sends it: model.dtype, or
+    bfloat16 for a vLLM rollout under precision mixed (the HF rollout keeps float32 weights and
+    autocasts, as the learner does)."""
+    return "bfloat16" if model.precision == "mixed" and rollout.backend == "vllm" else model.dtype
 
 
 def max_model_len(cfg: RunConfig) -> int:

@@ -29,6 +29,7 @@ from keel.config import (
     RewardModelSource,
     RolloutConfig,
 )
+from keel.telemetry.console import NO_PROGRESS
 from keel.trajectory import Trajectories
 
 TIE_EPS = 1e-6
@@ -58,57 +59,41 @@ def win_tie_loss(scores: torch.Tensor, baseline: torch.Tensor) -> tuple[int, int
     return wins, ties, len(diff) - wins - ties
 
 
-def evaluate(cfg: EvalConfig, log=print) -> dict:
-    """Evaluate every checkpoint; returns the eval.json content."""
+def evaluate(cfg: EvalConfig, log=print, progress=NO_PROGRESS) -> dict:
+    """Evaluate every checkpoint; returns the eval.json content. `progress` (keel.telemetry.console)
+    shows the long operations: tokenization, model loading, each checkpoint's evaluation."""
     from keel.data.prompts import load_prompts
     from keel.models.loading import load_tokenizer
     from keel.reference.model import ReferenceModel
     from keel.reward.model import RewardModel, import_function
 
     tokenizer = load_tokenizer(cfg.reference)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.max_prompt_tokens)
+    with progress.task("tokenize prompts"):
+        prompts = load_prompts(cfg.data, tokenizer, cfg.max_prompt_tokens)
     if prompts.truncated or prompts.dropped:
         limit = cfg.max_prompt_tokens
         log(f"prompts: {prompts.truncated} truncated, {prompts.dropped} dropped (longer than {limit} tokens)")
     chosen = prompts.prompts[: cfg.max_prompts or None]
     max_len = cfg.max_prompt_tokens + cfg.sampling.max_new_tokens
     temperature = cfg.sampling.temperature or 1.0
-    reference = ReferenceModel(cfg.reference, temperature=temperature)
-    reward = RewardModel(cfg.reward) if cfg.reward else None
-    judge = RewardModel(RewardConfig(source=RewardModelSource(path=cfg.judge))) if cfg.judge else None
+    with progress.task("load the reference, reward and judge"):
+        reference = ReferenceModel(cfg.reference, temperature=temperature)
+        reward = RewardModel(cfg.reward) if cfg.reward else None
+        judge = RewardModel(RewardConfig(source=RewardModelSource(path=cfg.judge))) if cfg.judge else None
     task = import_function(cfg.task_metric) if cfg.task_metric else None
 
     baseline = None
     if judge is not None:  # the reference policy's own answers, judged once
-        baseline = judge.score_trajectories(_generate(cfg, cfg.reference, chosen, max_len))
+        with progress.task("judge the reference's answers"):
+            baseline = judge.score_trajectories(_generate(cfg, cfg.reference, chosen, max_len))
 
     results = []
-    for ck in cfg.checkpoints:
-        t0 = time.perf_counter()
-        traj = _generate(cfg, ck.path, chosen, max_len)
-        mask = traj.response_mask.float()
-        log_ratio = (traj.behaviour_logprobs - reference.logprobs(traj)) * mask
-        row = {
-            "name": ck.name,
-            "path": ck.path,
-            "samples": len(traj),
-            "kl": log_ratio.sum(-1).mean().item(),
-            "response_length": mask.sum(-1).mean().item(),
-        }
-        if reward is not None:
-            row["reward_mean"] = reward.score_trajectories(traj).mean().item()
-        if task is not None:
-            values = task(traj.prompts, traj.responses, traj.metadata)
-            row["task_metric"] = sum(float(v) for v in values) / len(values)
-        if judge is not None:
-            wins, ties, losses = win_tie_loss(judge.score_trajectories(traj), baseline)
-            row |= {"win_rate": (wins + 0.5 * ties) / len(traj), "wins": wins, "ties": ties, "losses": losses}
-        row["examples"] = [
-            {"prompt": p, "response": r} for p, r in zip(traj.prompts[:5], traj.responses[:5], strict=True)
-        ]
-        row["time_s"] = time.perf_counter() - t0
-        results.append(row)
-        log(format_row(row))
+    with progress.task("evaluate checkpoints", len(cfg.checkpoints)) as bar:
+        for ck in cfg.checkpoints:
+            row = _evaluate_one(cfg, ck, chosen, max_len, reference, reward, task, judge, baseline)
+            results.append(row)
+            log(format_row(row))
+            bar.advance()
     return {
         "name": cfg.name,
         "reference": cfg.reference,
@@ -120,6 +105,32 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "judge": cfg.judge,
         "checkpoints": results,
     }
+
+
+def _evaluate_one(cfg: EvalConfig, ck, chosen, max_len: int, reference, reward, task, judge, baseline) -> dict:
+    """One checkpoint's row of eval.json: its answers to `chosen`, measured and scored."""
+    t0 = time.perf_counter()
+    traj = _generate(cfg, ck.path, chosen, max_len)
+    mask = traj.response_mask.float()
+    log_ratio = (traj.behaviour_logprobs - reference.logprobs(traj)) * mask
+    row = {
+        "name": ck.name,
+        "path": ck.path,
+        "samples": len(traj),
+        "kl": log_ratio.sum(-1).mean().item(),
+        "response_length": mask.sum(-1).mean().item(),
+    }
+    if reward is not None:
+        row["reward_mean"] = reward.score_trajectories(traj).mean().item()
+    if task is not None:
+        values = task(traj.prompts, traj.responses, traj.metadata)
+        row["task_metric"] = sum(float(v) for v in values) / len(values)
+    if judge is not None:
+        wins, ties, losses = win_tie_loss(judge.score_trajectories(traj), baseline)
+        row |= {"win_rate": (wins + 0.5 * ties) / len(traj), "wins": wins, "ties": ties, "losses": losses}
+    row["examples"] = [{"prompt": p, "response": r} for p, r in zip(traj.prompts[:5], traj.responses[:5], strict=True)]
+    row["time_s"] = time.perf_counter() - t0
+    return row
 
 
 def format_row(row: dict) -> str:

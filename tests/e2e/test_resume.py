@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KEEL = [sys.executable, "-m", "keel.cli"]
 STEPS = 6
 # wall-clock figures differ between any two runs; everything else must not
-NOT_COMPARED = ("time/", "step_time", "samples_per_s", "rollout/wait_s", "eval/time_s")
+NOT_COMPARED = ("time/", "anatomy/", "step_time", "samples_per_s", "rollout/wait_s", "eval/time_s")
 
 
 def _config(tmp_path: Path, policy, prompts, **overrides) -> Path:

@@ -3,10 +3,14 @@ reference actors sharing each batch: eval lines at the right steps, with finite 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
+import pytest
+
 from integration.configs import demo_config
+from unit.telemetry.trackers import tensorboard_scalars
 
 
 def test_a_run_evaluates_held_out_prompts_every_eval_every_steps(tiny_model_dir, ray_session, tmp_path):
@@ -37,7 +41,10 @@ def test_a_run_evaluates_held_out_prompts_every_eval_every_steps(tiny_model_dir,
             "transport.grpc.auth": False,
         },
     )
-    controller = Controller(cfg, tmp_path / "run", log=lambda *_: None)
+    from keel.telemetry.console import Console
+
+    shown = io.StringIO()
+    controller = Controller(cfg, tmp_path / "run", log=lambda *_: None, progress=Console("plain", shown))
     controller.start()
     try:
         history = controller.run()
@@ -58,3 +65,13 @@ def test_a_run_evaluates_held_out_prompts_every_eval_every_steps(tiny_model_dir,
         assert 0.0 <= m["eval/task_metric"] <= 1.0 and 0 < m["eval/response_length"] <= 4
     # 3 training batches of 8 and 2 held-out batches of 8, each split 4 + 4 between two actors
     assert rewards == [20, 20] and references == [20, 20]
+    # the trackers (TensorBoard by default) hold the step and evaluation metrics at the steps of metrics.jsonl
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in scalars["reward_mean"]] == [0, 1, 2] and [s for s, _ in scalars["eval/kl"]] == [2, 3]
+    trained = [m["time/update"] for m in lines if "reward_mean" in m]
+    assert [v for _, v in scalars["time/update"]] == pytest.approx(trained, rel=1e-6)  # float32 in the event file
+    # the long operations reported their progress (on a non-terminal: a line as each starts and ends)
+    ends = [line.split(":")[0] for line in shown.getvalue().splitlines() if "done in" in line]
+    evaluations = ["held-out evaluation (8 prompts)"] * 2
+    started = ["tokenize prompts", "tokenize held-out prompts", "start roles, load models"]
+    assert ends == started + evaluations, shown.getvalue()

@@ -13,7 +13,7 @@ import torch
 from integration.configs import demo_config
 
 STEPS = 4
-NOT_COMPARED = ("time/", "step_time", "samples_per_s", "rollout/wait_s", "eval/time_s")
+NOT_COMPARED = ("time/", "anatomy/", "step_time", "samples_per_s", "rollout/wait_s", "eval/time_s")
 
 
 def _run(cfg, run_dir, stop_after: int | None = None, resume: bool = False):

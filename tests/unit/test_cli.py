@@ -310,3 +310,28 @@ def test_a_failed_train_leaves_its_error_for_keel_status(tmp_path, tiny_model_di
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[0].endswith("failed, step 0/2 (0%)")
     assert "error    cannot place role 'rollout'" in status.stdout
+
+
+@pytest.mark.parametrize("kind", ["train", "sft"])
+def test_a_tracker_that_is_not_installed_stops_the_command_before_anything_starts(kind, tmp_path):
+    """The tracker's package made unimportable (as when it is not installed): exit 2, one line naming
+    logging.trackers and the pip package, and no run directory."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "x").write_text("")
+    logging = {"trackers": ["tensorboard", "wandb"]}
+    if kind == "train":
+        cfg = {"model": {"policy": "p"}, "data": {"prompts": "x"}, "logging": logging}
+        cfg["reward"] = {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}}
+    else:
+        cfg = {"model": {"path": "p"}, "data": {"path": "x"}, "logging": logging}
+    path = _yaml(tmp_path / f"{kind}.yaml", cfg)
+    where = "--run-dir" if kind == "train" else "--out"
+    script = "import sys; sys.modules['wandb'] = None; from keel.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [kind, "--config", path, where, str(tmp_path / "run")]
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"keel: config error: {path}: logging.trackers: wandb needs the Python package wandb, which is not "
+        "installed (pip install wandb)"
+    ]
+    assert not (tmp_path / "run").exists()

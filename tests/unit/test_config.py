@@ -460,3 +460,39 @@ def test_grpc_example_sets_server_tls_for_its_exposed_servers():
     assert grpc_cfg.host == "0.0.0.0" and grpc_cfg.auth and not grpc_cfg.allow_insecure
     assert grpc_cfg.tls_cert and grpc_cfg.tls_key and grpc_cfg.tls_ca
     assert grpc_cfg.tls_client_ca and grpc_cfg.tls_client_cert and grpc_cfg.tls_client_key
+
+
+@pytest.mark.parametrize(
+    "kind, logging, expected",
+    [
+        ("train", {"trackers": ["wandb", "mlflow", "wandb"]}, "logging.trackers: wandb is listed more than once"),
+        ("train", {"trackers": ["neptune"]}, "logging.trackers[0]: Input should be 'tensorboard', 'wandb' or 'mlflow'"),
+        ("train", {"wandb": {"project": "p"}}, "logging.wandb: set, but logging.trackers does not list wandb"),
+        ("sft", {"trackers": ["wandb"], "mlflow": {"experiment": "e"}}, "logging.mlflow: set, but logging.trackers"),
+        ("sft", {"trackers": ["wandb"], "mlflow": {"tracking_uri": None}}, None),  # as a config dump writes it
+        ("dpo", {"trackers": ["wandb"], "wandb": {"mode": "cloud"}}, "logging.wandb.mode: Input should be 'offline'"),
+        ("rm", {"trackers": ["mlflow"], "mlflow": {"experiment": ""}}, "logging.mlflow.experiment: String should"),
+        ("train", {"trackers": []}, None),
+        (
+            "sft",
+            {
+                "console": "rich",
+                "trackers": ["tensorboard", "wandb", "mlflow"],
+                "wandb": {"project": "p", "entity": "team", "mode": "online"},
+                "mlflow": {"tracking_uri": "http://mlflow:5000", "experiment": "e"},
+            },
+            None,
+        ),
+    ],
+)
+def test_logging_trackers_are_each_listed_once_and_configured_only_when_listed(kind, logging, expected):
+    data = {"model": {"path": "m"}, "data": {"path": "d"}} if kind != "train" else _with()
+    data["logging"] = logging
+    if expected is None:
+        cfg = parse_config(data, schema=CONFIG_KINDS[kind])
+        assert cfg.logging.trackers == logging["trackers"]
+        assert parse_config(yaml.safe_load(dump_config(cfg)), schema=CONFIG_KINDS[kind]) == cfg
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml", CONFIG_KINDS[kind])
+    assert len(info.value.lines) == 1 and info.value.lines[0].startswith(expected), info.value.lines

@@ -3,6 +3,7 @@ scored for reward, task metric, KL and wins/ties/losses judged by a reward model
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from keel.config import EvalConfig
 from keel.evaluation import evaluate, win_tie_loss, write_eval
+from keel.telemetry.console import Console
 
 
 def test_win_tie_loss_counts():
@@ -54,8 +56,16 @@ def test_eval_of_two_checkpoints(demo_inputs, judge, tmp_path):
             "max_prompts": 40,
         }
     )
-    lines = []
-    result = evaluate(cfg, log=lines.append)
+    lines, shown = [], io.StringIO()
+    result = evaluate(cfg, log=lines.append, progress=Console("plain", shown))
+    ends = [line.split(":")[0] for line in shown.getvalue().splitlines() if " done in " in line]
+    assert ends == [
+        "tokenize prompts",
+        "load the reference, reward and judge",
+        "judge the reference's answers",
+        "evaluate checkpoints",
+    ]
+    assert "evaluate checkpoints: 2/2 done in" in shown.getvalue()
     same, moved = result["checkpoints"]
     assert result["prompts"] == 40 and same["samples"] == moved["samples"] == 80
     # the reference judged against itself: same samples (same seed), so every pair ties and KL is 0

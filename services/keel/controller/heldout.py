@@ -84,9 +84,7 @@ class HeldOut:
         scores = reward.submit(traj, traj_ref, step)
         reference = supervisor.reference
         ref = reference.submit(traj, traj_ref, "logprobs", step) if reference is not None else None
-        old, _ = supervisor.on_learners(
-            "old_logprobs_and_values", traj_ref, what="log-prob pass", step=step, kind="score"
-        )[0]
+        old, _ = supervisor.learner_forward(traj_ref, step)
         traj = traj.with_fields(scores=scores.result(), ref_logprobs=ref.result() if ref else None, old_logprobs=old)
         return {"weight_version": traj.weight_version, **self.metrics(traj), "eval/time_s": time.perf_counter() - t0}
 

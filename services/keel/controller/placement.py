@@ -118,6 +118,21 @@ def in_group(pg, index: int) -> dict:
     }
 
 
+def node_cpus(pg, index: int) -> int:
+    """The CPUs Ray counts on the node holding bundle `index` of `pg` (the node's `num_cpus`, which
+    is the pod's CPU limit under KubeRay, not the host's core count)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    node_id = placement_group_table(pg)["bundles_to_node_id"][index]
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return max(1, int(node["Resources"].get("CPU", 1)))
+    raise RuntimeError(
+        f"bundle {index} of placement group {pg.id.hex()} is on node {node_id}, which Ray no longer lists"
+    )
+
+
 def rendezvous(pg, index: int, timeout_s: float = 60.0) -> tuple[str, int]:
     """(node IP, free port) on the node holding bundle `index` of `pg`: where rank 0 of a process
     group listens, so ranks on other nodes can reach it. Asked by a zero-CPU task in that bundle,

@@ -55,10 +55,11 @@ class Joined:
 ALWAYS = -1
 
 
-def start_rewards(cfg: RunConfig, group, env: dict[str, str], max_request_samples: int) -> list:
-    """`reward.replicas` reward actors, one per bundle of the role's placement group: RewardModel
-    (reward channel objectstore) or RewardServerRole, the reward core behind a RewardService in
-    its own actor (grpc). None when an external server scores (transport.grpc.reward_address)."""
+def start_rewards(cfg: RunConfig, group, envs: list[dict[str, str]], max_request_samples: int) -> list:
+    """`reward.replicas` reward actors, one per bundle of the role's placement group, actor i with
+    process environment envs[i]: RewardModel (reward channel objectstore) or RewardServerRole, the
+    reward core behind a RewardService in its own actor (grpc). None when an external server scores
+    (transport.grpc.reward_address)."""
     from keel.reward.model import RewardModel
     from keel.reward.server import RewardServerRole
 
@@ -67,25 +68,26 @@ def start_rewards(cfg: RunConfig, group, env: dict[str, str], max_request_sample
     resources = cfg.reward.resources
     if cfg.transport.reward == "grpc":
         return [
-            remote(RewardServerRole, resources, env, in_group(group, i), ALWAYS).remote(
+            remote(RewardServerRole, resources, envs[i], in_group(group, i), ALWAYS).remote(
                 cfg.reward, cfg.transport.grpc, max_request_samples
             )
             for i in range(cfg.reward.replicas)
         ]
     return [
-        remote(RewardModel, resources, placement=in_group(group, i), max_restarts=ALWAYS).remote(cfg.reward)
+        remote(RewardModel, resources, envs[i], in_group(group, i), ALWAYS).remote(cfg.reward)
         for i in range(cfg.reward.replicas)
     ]
 
 
-def start_references(cfg: RunConfig, group, temperature: float) -> list:
-    """`reference.replicas` reference actors, one per bundle of the role's placement group."""
+def start_references(cfg: RunConfig, group, envs: list[dict[str, str]], temperature: float) -> list:
+    """`reference.replicas` reference actors, one per bundle of the role's placement group, actor i
+    with process environment envs[i]."""
     from keel.reference.model import ReferenceModel
 
     ref = cfg.reference
     return [
-        remote(ReferenceModel, ref.resources, placement=in_group(group, i), max_restarts=ALWAYS).remote(
-            reference_path(cfg), cfg.model.dtype, ref.micro_batch_size, temperature
+        remote(ReferenceModel, ref.resources, envs[i], in_group(group, i), ALWAYS).remote(
+            reference_path(cfg), cfg.model.dtype, ref.micro_batch_size, temperature, cfg.model.precision
         )
         for i in range(ref.replicas)
     ]

@@ -18,19 +18,29 @@ from pathlib import Path
 from keel.config import RunConfig
 from keel.controller.checkpoint import CheckpointStore
 from keel.controller.supervisor import RoleFailed
+from keel.telemetry.console import NO_PROGRESS
 
 
 class RunRestarts:
     """Runs a `Controller` to the end, starting it again after a `RoleFailed` (see the module)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, log=print, resume_from: Path | None = None, make=None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        log=print,
+        resume_from: Path | None = None,
+        make=None,
+        progress=NO_PROGRESS,
+    ):
         from keel.controller.loop import Controller
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log
+        self.progress = progress  # handed to each controller (keel.telemetry.console)
         self.resume_from = resume_from
-        self.make = make or Controller  # (cfg, run_dir, log, resume_from, run_restarts) -> Controller
+        self.make = make or Controller  # (cfg, run_dir, log, resume_from, run_restarts, progress) -> Controller
         self.restarts = 0
         self.controller = None  # the one running now
         self.stop_requested = False
@@ -46,7 +56,14 @@ class RunRestarts:
         last controller (shut down). `on_start(controller)` is called once it is up."""
         resume = self.resume_from
         while True:
-            ctrl = self.make(self.cfg, self.run_dir, log=self.log, resume_from=resume, run_restarts=self.restarts)
+            ctrl = self.make(
+                self.cfg,
+                self.run_dir,
+                log=self.log,
+                resume_from=resume,
+                run_restarts=self.restarts,
+                progress=self.progress,
+            )
             self.controller = ctrl
             if self.stop_requested:
                 ctrl.request_stop()
@@ -67,6 +84,4 @@ class RunRestarts:
                     f"restart {self.restarts} of controller.max_restarts {self.cfg.controller.max_restarts}"
                 )
             finally:
-                ctrl.shutdown()
-                if getattr(ctrl, "metrics_file", None) is not None:
-                    ctrl.metrics_file.close()
+                ctrl.shutdown()  # its metric sinks too

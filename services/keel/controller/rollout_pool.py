@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from keel.config import RunConfig, max_model_len, sampling_seed
-from keel.controller.actors import remote
-from keel.controller.placement import RoleRequest, in_group, place_roles
+from keel.controller.actors import remote, role_threads, thread_env
+from keel.controller.placement import RoleRequest, in_group, node_cpus, place_roles
 from keel.controller.scaling import request_capacity
 
 
@@ -55,7 +55,11 @@ class RolloutPool:
         cfg = self.cfg
         worker_id = f"rollout-{self._next_id}"
         self._next_id += 1
-        actor = remote(RolloutWorker, cfg.rollout.resources, self._env, in_group(slot.group, slot.index))
+        threads = role_threads(
+            cfg.controller.mode, cfg.rollout.resources, node_cpus(slot.group, slot.index), cfg.rollout.threads
+        )
+        env = {**self._env, **thread_env(threads)}
+        actor = remote(RolloutWorker, cfg.rollout.resources, env, in_group(slot.group, slot.index))
         return actor.remote(cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), worker_id)
 
     def _take_slot(self, target: int) -> Slot:

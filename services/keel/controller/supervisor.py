@@ -29,8 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from keel.config import RunConfig
-from keel.controller.actors import remote, thread_env
-from keel.controller.placement import in_group, place_roles, rendezvous, role_requests
+from keel.controller.actors import remote, role_threads, thread_env
+from keel.controller.placement import in_group, node_cpus, place_roles, rendezvous, role_requests
 from keel.controller.replicas import Joined, shard, start_references, start_rewards
 from keel.controller.rollout_pool import RolloutPool
 from keel.trajectory import Trajectories
@@ -206,12 +206,20 @@ class Supervisor:
         cfg = self.cfg
         self.groups = place_roles(role_requests(cfg), cfg.controller.placement_timeout_s)
         grpc_env = grpc_token_env(cfg)
-        self.pool = RolloutPool(cfg, self.groups["rollout"], {**grpc_env, **thread_env(cfg.rollout.threads)})
-        rewards = start_rewards(cfg, self.groups.get("reward"), grpc_env, largest_batch)
+        self.pool = RolloutPool(cfg, self.groups["rollout"], grpc_env)
+        reward_group = self.groups.get("reward")
+        rewards = start_rewards(
+            cfg,
+            reward_group,
+            [{**grpc_env, **self.threads(cfg.reward.resources, reward_group, i)} for i in range(cfg.reward.replicas)],
+            largest_batch,
+        )
         if rewards:
             self.reward = StatelessRole("reward", rewards, cfg.controller, self.max_attempts, self.log)
         if cfg.reference.enabled:
-            references = start_references(cfg, self.groups["reference"], logprob_temperature)
+            group = self.groups["reference"]
+            envs = [self.threads(cfg.reference.resources, group, i) for i in range(cfg.reference.replicas)]
+            references = start_references(cfg, group, envs, logprob_temperature)
             self.reference = StatelessRole("reference", references, cfg.controller, self.max_attempts, self.log)
         world = cfg.learner.replicas
         # rank 0's node, reachable from the others
@@ -224,9 +232,9 @@ class Supervisor:
                 "WORLD_SIZE": str(world),
                 "LOCAL_RANK": "0",
             }
-            actor = remote(
-                Learner, cfg.learner.resources, {**dist_env, **grpc_env}, in_group(self.groups["learner"], rank)
-            )
+            group = self.groups["learner"]
+            env = {**dist_env, **grpc_env, **self.threads(cfg.learner.resources, group, rank)}
+            actor = remote(Learner, cfg.learner.resources, env, in_group(group, rank))
             self.learners.append(actor.remote(cfg.model, cfg.learner, cfg.algorithm, plan))
         ready = self.pool.start(cfg.controller.start_timeout_s)
         others = [(f"learner rank {r}", lr) for r, lr in enumerate(self.learners)]
@@ -234,6 +242,12 @@ class Supervisor:
             others += [(f"{role.name} actor {i}", a) for i, a in enumerate(role.actors)]
         gather([(who, a.__ray_ready__.remote()) for who, a in others], "start", None, *self._deadline("start"))
         return ready
+
+    def threads(self, resources, group, index: int, explicit: int | None = None) -> dict[str, str]:
+        """The thread environment of the actor in bundle `index` of `group` (`role_threads`)."""
+        if group is None:  # nothing placed: an external reward server scores
+            return {}
+        return thread_env(role_threads(self.cfg.controller.mode, resources, node_cpus(group, index), explicit))
 
     def _deadline(self, kind: str) -> tuple[float, str]:
         """(seconds, the setting's name) of controller.<kind>_timeout_s."""
@@ -247,6 +261,23 @@ class Supervisor:
         controller.<kind>_timeout_s (RoleFailed naming the rank and the step otherwise)."""
         refs = [(f"learner rank {r}", getattr(lr, method).remote(*args)) for r, lr in enumerate(self.learners)]
         return gather(refs, what or method, step, *self._deadline(kind))
+
+    def learner_forward(self, traj_ref, step: int | None, logprobs: bool = True):
+        """The learner's own log-probs (None when not asked) and critic values (None without a
+        critic) of a batch, (B, R) each: every rank computes its share, joined in rank order."""
+        import torch
+
+        shares = self.on_learners(
+            "old_logprobs_and_values", traj_ref, logprobs, what="log-prob pass", step=step, kind="score"
+        )
+        # ranks beyond a batch smaller than the world have no share
+        shares = [share for share in shares if share[0] is not None or share[1] is not None]
+
+        def joined(i: int):
+            parts = [share[i] for share in shares]
+            return None if parts[0] is None else torch.cat(parts)
+
+        return joined(0), joined(1)
 
     # ------------------------------------------------------------------ rollout
 

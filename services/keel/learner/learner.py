@@ -41,7 +41,15 @@ from keel.config import (
     kl_estimator,
 )
 from keel.learner.metrics import UpdateMetrics
-from keel.models.loading import ValueModel, disable_dropout, load_causal_lm, load_tokenizer, response_logits
+from keel.models.loading import (
+    DTYPES,
+    ValueModel,
+    compute_precision,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    response_logits,
+)
 from keel.trajectory import Trajectories
 
 
@@ -54,6 +62,7 @@ class LearnerPlan:
     total_optimizer_steps: int  # for the LR schedule
     seed: int = 0
     norm_len: int | None = None  # L of the seq-mean-token-sum-norm loss: rollout.sampling.max_new_tokens
+    weights_dtype: str = "float32"  # what the rollout is sent (config.rollout_dtype)
 
 
 def lr_lambda(opt: OptimizerConfig, total_steps: int):
@@ -128,6 +137,10 @@ def make_engine(
         # stepped by engine.step() at each gradient-accumulation boundary
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
+    if world_size == 1 and trainer.deepspeed.zero_stage == 0:
+        # alone, there is nothing to average: DeepSpeed would still copy every gradient into a flat
+        # bucket and back at each accumulation boundary
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -165,6 +178,7 @@ class Learner:
         self.algorithm = algorithm
         self.plan = plan
         self.model_cfg = model
+        self.precision = model.precision  # mixed: forward passes under bfloat16 autocast, float32 weights
         self.rank, self.world_size = init_distributed(learner.deepspeed.backend, learner.deepspeed.timeout_s)
         torch.manual_seed(plan.seed)
         self.device = (
@@ -187,6 +201,7 @@ class Learner:
         self.version = 0
         self.optimizer_steps = 0
         self._publisher = None  # WeightPublisher on rank 0 when weights go over gRPC
+        self._shared = None  # SharedWeights on rank 0 when weights go through the object store
 
     def _engine(self, module, learner: LearnerConfig, opt: OptimizerConfig):
         mini = self.algorithm.mini_batch_size
@@ -196,22 +211,49 @@ class Learner:
     # ------------------------------------------------------------------ forward passes
 
     @torch.no_grad()
-    def old_logprobs_and_values(self, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The learner's own log pi_old(a_t) (and critic values) of a batch, before any update; (B, R)."""
-        self.policy.eval()
-        P = traj.prompt_tokens.shape[1]
-        ids, mask = traj.input_ids.to(self.device), traj.attention_mask.to(self.device)
+    def old_logprobs_and_values(
+        self, traj: Trajectories, logprobs: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This rank's share of the learner's own log pi_old(a_t) and critic values of a batch, before
+        any update: rows `shard_rows(B, world)[rank]`, (b, R) each; the ranks' shares in rank order
+        make the batch. `logprobs=False` runs the critic only (its log-probs come with the update,
+        `update_on_policy`). Under ZeRO-3 a forward pass is a collective, so every rank makes the same
+        number of them (a short share repeats its last micro-batch)."""
+        from keel.controller.replicas import shard_rows
+
+        rows = shard_rows(len(traj), self.world_size)
+        mine = traj.select(list(rows[self.rank])) if self.rank < len(rows) else None
         micro = self.policy.train_micro_batch_size_per_gpu()
+        calls = math.ceil(len(rows[0]) / micro)  # the first share is the largest
+        P = traj.prompt_tokens.shape[1]
         logps, values = [], []
-        for s in range(0, len(traj), micro):
-            logits = response_logits(self.policy, ids[s : s + micro], mask[s : s + micro], P)
-            logps.append(gather_logprobs(logits, ids[s : s + micro, P:], self.plan.temperature).cpu())
-            if self.critic is not None:
-                values.append(self.critic(ids[s : s + micro], mask[s : s + micro], P).cpu())
+        self.policy.eval()
+        for c in range(calls):
+            if mine is None or c * micro >= len(mine):  # nothing of ours left: keep ZeRO-3's collectives in step
+                if self.policy.zero_optimization_stage() == 3:
+                    self._forward_part(traj.select([0]), P, logprobs)
+                continue
+            part = mine.select(list(range(c * micro, min(len(mine), (c + 1) * micro))))
+            lp, v = self._forward_part(part, P, logprobs)
+            logps.append(lp)
+            values.append(v)
         self.policy.train()
-        rmask = traj.response_mask.float()
-        old = torch.cat(logps) * rmask
-        return old, (torch.cat(values) * rmask if values else None)
+        if mine is None:
+            return None, None
+        rmask = mine.response_mask.float()
+        old = torch.cat(logps) * rmask if logprobs else None
+        return old, (torch.cat(values) * rmask if self.critic is not None else None)
+
+    def _forward_part(self, part: Trajectories, P: int, logprobs: bool) -> tuple[torch.Tensor | None, ...]:
+        ids, mask = part.input_ids.to(self.device), part.attention_mask.to(self.device)
+        lp = value = None
+        if logprobs:
+            logits = response_logits(self.policy, ids, mask, P, self.precision)
+            lp = gather_logprobs(logits, ids[:, P:], self.plan.temperature).cpu()
+        if self.critic is not None:
+            with compute_precision(self.precision, self.device):
+                value = self.critic(ids, mask, P).float().cpu()
+        return lp, value
 
     # ------------------------------------------------------------------ the PPO update
 
@@ -223,9 +265,35 @@ class Learner:
         `kl_coef` is the KL coefficient in the loss (placement loss), the adaptive controller's
         current value; unset = algorithm.kl.coef.
         """
+        if traj.old_logprobs is None:
+            raise ValueError("learner.update needs old_logprobs (update_on_policy computes them itself)")
+        return self._update(traj, kl_coef, None)
+
+    def update_on_policy(
+        self, traj: Trajectories, kl_coef: float | None = None
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """`update` for a batch the current weights sampled, in one pass (one epoch, one mini-batch):
+        no optimizer step comes before the last micro-batch, so pi_old is the current log-probs
+        themselves (detached; the PPO ratio is 1 with its gradient), and no forward pass runs for
+        them beforehand. Returns the metrics and those log-probs, (B, R), gathered from every rank."""
         a = self.algorithm
-        if traj.advantages is None or traj.old_logprobs is None:
-            raise ValueError("learner.update needs advantages and old_logprobs")
+        if a.ppo_epochs != 1 or a.mini_batch_size != len(traj):
+            raise ValueError(
+                f"update_on_policy is one pass: needs ppo_epochs 1 and mini_batch_size = the batch ({len(traj)}), "
+                f"got {a.ppo_epochs} and {a.mini_batch_size}"
+            )
+        seen = torch.zeros(traj.response_mask.shape, dtype=torch.float32)
+        metrics = self._update(traj, kl_coef, seen)
+        if self.world_size > 1:  # each rank filled its own rows
+            torch.distributed.all_reduce(seen)
+        return metrics, seen * traj.response_mask.float()
+
+    def _update(self, traj: Trajectories, kl_coef: float | None, seen: torch.Tensor | None) -> dict[str, float]:
+        """The PPO epochs; `seen` (B, R), when given, is filled with each sample's log-probs as first
+        computed, and those stand in for pi_old."""
+        a = self.algorithm
+        if traj.advantages is None:
+            raise ValueError("learner.update needs advantages")
         B, mini, micro = len(traj), a.mini_batch_size, self.policy.train_micro_batch_size_per_gpu()
         if B % mini or mini % (micro * self.world_size):
             raise ValueError(
@@ -247,8 +315,12 @@ class Learner:
                 agg = Aggregation(a.loss_agg, self.plan.norm_len, loss_units(traj.response_mask[batch], a.loss_agg))
                 mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
                 for s in range(0, per_rank, micro):
-                    mb = traj.select(mine[s : s + micro])
-                    stats.add(self._train_micro(mb, agg, scale, kl_coef), weight=float(mb.response_mask.sum()))
+                    rows = mine[s : s + micro]
+                    mb = traj.select(rows)
+                    metrics, logprobs = self._train_micro(mb, agg, scale, kl_coef)
+                    if seen is not None:
+                        seen[rows] = logprobs.cpu()
+                    stats.add(metrics, weight=float(mb.response_mask.sum()))
                 stats.end_mini_batch()
                 self.optimizer_steps += 1
                 stats.add({"policy/lr": self.policy.get_lr()[0]})
@@ -259,20 +331,25 @@ class Learner:
         out["time/update_s"] = time.perf_counter() - t0
         return out
 
-    def _train_micro(self, mb: Trajectories, agg: Aggregation, scale: float, kl_coef: float) -> dict[str, float]:
-        """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
+    def _train_micro(
+        self, mb: Trajectories, agg: Aggregation, scale: float, kl_coef: float
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch;
+        returns its metrics and its log-probs before the step (detached).
 
-        Its losses are its share of the mini-batch's (`agg` carries the global divisor).
+        Its losses are its share of the mini-batch's (`agg` carries the global divisor). Without
+        old_logprobs (`update_on_policy`) pi_old is the detached current log-probs.
         """
         a = self.algorithm
         P = mb.prompt_tokens.shape[1]
         ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
         mask = mb.response_mask.to(self.device).float()
-        logits = response_logits(self.policy, ids, attn, P)  # (b, R, V)
+        logits = response_logits(self.policy, ids, attn, P, self.precision)  # (b, R, V)
         logprobs = gather_logprobs(logits, ids[:, P:], self.plan.temperature)  # (b, R) log pi_theta(a_t)
+        old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs.to(self.device)
         loss, metrics = policy_loss(
             logprobs,
-            mb.old_logprobs.to(self.device),
+            old,
             mb.advantages.to(self.device),
             mask,
             clip_low=a.clip_low,
@@ -282,9 +359,7 @@ class Learner:
             is_weights=mb.is_weights.to(self.device) if mb.is_weights is not None else None,
         )
         if a.kl.placement == "loss" and kl_coef > 0 and mb.ref_logprobs is not None:
-            kl, kl_metrics = kl_loss(
-                logprobs, mb.ref_logprobs.to(self.device), mask, kl_coef, kl_estimator(a.kl), agg
-            )
+            kl, kl_metrics = kl_loss(logprobs, mb.ref_logprobs.to(self.device), mask, kl_coef, kl_estimator(a.kl), agg)
             loss = loss + kl
             metrics.update(kl_metrics)
         # Entropy of the sampling distribution (temperature applied) is always logged; it carries
@@ -298,14 +373,15 @@ class Learner:
         metrics.update(step_engine(self.policy, "policy/grad_norm"))
 
         if self.critic is not None:
-            values = self.critic(ids, attn, P)
+            with compute_precision(self.precision, self.device):
+                values = self.critic(ids, attn, P).float()
             vloss, vmetrics = value_loss(
                 values, mb.values.to(self.device), mb.returns.to(self.device), mask, a.value_clip, agg
             )
             self.critic.backward(a.value_coef * vloss * scale)
             metrics.update(step_engine(self.critic, "value/grad_norm"))
             metrics.update(vmetrics)
-        return metrics
+        return metrics, logprobs.detach()
 
     # ------------------------------------------------------------------ weights out
 
@@ -314,10 +390,44 @@ class Learner:
         return full_state_dict(self.policy)
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Rank 0's full policy weights; None on other ranks. Every rank must call it: under ZeRO-3
-        gathering the shards is a collective."""
+        """Rank 0's full policy weights as the rollout takes them (floating tensors in
+        plan.weights_dtype); None on other ranks. Every rank must call it: under ZeRO-3 gathering
+        the shards is a collective."""
         state = self.policy_state()
-        return state if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        wire = DTYPES[self.plan.weights_dtype]
+        return {k: v.to(wire) if v.is_floating_point() else v for k, v in state.items()}
+
+    def export_shared(self, version: int):
+        """The policy written as `version` into rank 0's shared-memory buffer for the rollout workers
+        on its node (keel.transport.shm), floating tensors in plan.weights_dtype; returns its handle
+        (None on other ranks). Read straight from the parameters: no copy before the write. Every
+        rank must call it: under ZeRO-3 gathering the shards is a collective."""
+        import ray
+
+        from keel.transport.shm import SharedWeights
+
+        module, wire = self.policy.module, DTYPES[self.plan.weights_dtype]
+        if self.rank == 0 and self._shared is None:
+            self._shared = SharedWeights(ray.get_runtime_context().get_node_id())
+
+        def write():
+            return self._shared.write(version, module.state_dict(), wire) if self.rank == 0 else None
+
+        if self.policy.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return write()
+        return write()
+
+    def export_packed_weights(self):
+        """`export_weights` as numpy arrays for the object store (keel.transport.objectstore.pack)."""
+        from keel.transport.objectstore import pack
+
+        state = self.export_weights()
+        return None if state is None else pack(state)
 
     def serve_weights(self, grpc_cfg: GrpcConfig) -> str:
         """Start this rank's WeightService; returns the address rollout workers dial."""

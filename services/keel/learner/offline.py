@@ -52,6 +52,8 @@ from keel.learner.learner import (
     step_engine,
 )
 from keel.models.loading import load_tokenizer
+from keel.telemetry.console import NO_PROGRESS
+from keel.telemetry.sinks import open_sinks
 
 STOP_FILE = "STOP"  # made in the output directory by `keel`'s signal handler: stop at the next step, with a checkpoint
 
@@ -59,8 +61,9 @@ STOP_FILE = "STOP"  # made in the output directory by `keel`'s signal handler: s
 class OfflineTrainer(ABC):
     kind: str  # metric namespace and log prefix: "sft", "rm", "dpo"
 
-    def __init__(self, cfg: OfflineRun):
+    def __init__(self, cfg: OfflineRun, progress=NO_PROGRESS):
         self.cfg = cfg
+        self.progress = progress  # long operations (keel.telemetry.console): tokenization, model load, training
         self.rank, self.world = init_distributed(cfg.trainer.deepspeed.backend, cfg.trainer.deepspeed.timeout_s)
         torch.manual_seed(cfg.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -68,8 +71,9 @@ class OfflineTrainer(ABC):
         self.notes: list[str] = []  # what data loading did (truncated / dropped rows), for the log
         train_rows, eval_rows = self._rows()
         self.data_digest = rows_digest(train_rows)  # a resumed run refuses rows that changed
-        self.train_items = self.prepare(train_rows, "train")
-        self.eval_items = self.prepare(eval_rows, "eval") if eval_rows else []
+        with progress.task(f"{self.kind}: tokenize rows"):
+            self.train_items = self.prepare(train_rows, "train")
+            self.eval_items = self.prepare(eval_rows, "eval") if eval_rows else []
         batch = cfg.train.batch_size
         if len(self.train_items) < batch:
             raise DataError(
@@ -79,7 +83,8 @@ class OfflineTrainer(ABC):
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        module = self.build_model()
+        with progress.task(f"{self.kind}: load model"):
+            module = self.build_model()
         if cfg.trainer.gradient_checkpointing:
             module.gradient_checkpointing_enable()
         trainer = cfg.trainer
@@ -135,22 +140,24 @@ class OfflineTrainer(ABC):
         self, out_dir: str | Path, log: Callable[[dict], None] | None = None, resume: str | Path | None = None
     ) -> list[dict]:
         """Train from the first step, or from the checkpoint `resume` (see `open_run`), evaluating and
-        checkpointing as configured; rank 0 appends to out_dir/metrics.jsonl and writes the HF model
-        to out_dir. Returns the metrics this call recorded."""
+        checkpointing as configured; rank 0 logs the metrics (out_dir/metrics.jsonl and the trackers of
+        logging.trackers: keel.telemetry.sinks) and writes the HF model to out_dir. Returns the metrics
+        this call recorded."""
         out = Path(out_dir)
         store = CheckpointStore(out / "checkpoints", self.cfg.checkpoint.keep_last)
         if resume:
             self.load_checkpoint(Path(resume))
         history: list[dict] = []
+        sinks = None
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "a") if self.rank == 0 else nullcontext() as metrics_file:
+            sinks = open_sinks(self.cfg.logging, out, self.cfg.name, self.cfg.model_dump(mode="json"), bool(resume))
+        with sinks or nullcontext(), self.progress.task(f"{self.kind}: train", self.total_steps, self.step) as bar:
 
             def record(m: dict) -> None:
                 history.append(m)
-                if metrics_file:
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
+                if sinks:
+                    sinks.write(m, m["step"])
                 if log and self.rank == 0:
                     log(m)
 
@@ -159,6 +166,7 @@ class OfflineTrainer(ABC):
             for epoch, batch in islice(self.batches(), self.step, self.total_steps):
                 record({"step": self.step + 1, "epoch": epoch, **self.train_step(batch)})
                 self.step += 1
+                bar.update(self.step)
                 if self.eval_items and self.eval_due(self.step):
                     record({"step": self.step, "epoch": epoch, **self.evaluate()})
                 if every and self.step % every == 0 and self.step < self.total_steps:
@@ -219,10 +227,12 @@ class OfflineTrainer(ABC):
         micro = self.cfg.trainer.micro_batch_size
         self.engine.eval()
         sums: dict[str, float] = {}
-        for start in range(0, len(mine), micro):
-            _, metrics = self.loss_sums(mine[start : start + micro])
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        with self.progress.task(f"{self.kind}: evaluate", -(-len(mine) // micro)) as bar:
+            for start in range(0, len(mine), micro):
+                _, metrics = self.loss_sums(mine[start : start + micro])
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                bar.advance()
         self.engine.train()
         total = sum(self.units(x) for x in self.eval_items[:usable])
         reduced = self._reduce(sums)
@@ -349,9 +359,11 @@ def run_offline(
     out: Path,
     log: Callable[[dict], None] | None = None,
     start: Start | None = None,
+    progress=NO_PROGRESS,
 ) -> tuple[list[dict], list[str]]:
     """Train with `trainer.replicas` ranks: in this process for one, as Ray actors for more, from
     `start` (default `open_run(cfg, out)`: resume what `out` holds; a finished run trains nothing).
+    `progress` (keel.telemetry.console) shows the long operations of a rank in this process.
 
     Returns (rank 0's metric history of the whole run, its data notes)."""
     start = open_run(cfg, out) if start is None else start
@@ -368,7 +380,7 @@ def run_offline(
             # be holding that port itself) must not be reused
             env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
             os.environ.update({**env, "LOCAL_RANK": "0"})
-        trainer = trainer_cls(cfg)
+        trainer = trainer_cls(cfg, progress)
         if log:
             for line in trainer.notes:
                 log({"note": line})

@@ -7,6 +7,8 @@ recomputed old log-probs agree with the sampler's.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -31,15 +33,24 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
+def compute_precision(precision: str, device: torch.device):
+    """The context a forward pass runs in: bfloat16 autocast for precision `mixed` (the weights stay
+    in their own dtype; backward runs outside it), nothing for `full`."""
+    if precision == "mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def response_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, precision: str = "full"
 ) -> torch.Tensor:
     """Logits that predicted each response token; (B, P + R) in, (B, R, V) out.
 
     Position ids count only real tokens, so left padding does not shift rotary positions
     (vLLM runs the unpadded sequence). Logit t - 1 predicts token t, hence the shift by one.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    with compute_precision(precision, input_ids.device):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     return out.logits[:, prompt_len - 1 : -1]
 
 
@@ -68,6 +79,7 @@ def response_logprobs(
     prompt_len: int,
     temperature: float = 1.0,
     micro_batch_size: int = 8,
+    precision: str = "full",
 ) -> torch.Tensor:
     """log pi(a_t) of each response token under `model` at the sampling temperature; (B, R) float32."""
     model_device = next(model.parameters()).device
@@ -75,7 +87,7 @@ def response_logprobs(
     for start in range(0, input_ids.shape[0], micro_batch_size):
         ids = input_ids[start : start + micro_batch_size].to(model_device)
         mask = attention_mask[start : start + micro_batch_size].to(model_device)
-        logits = response_logits(model, ids, mask, prompt_len)
+        logits = response_logits(model, ids, mask, prompt_len, precision)
         chunks.append(gather_logprobs(logits, ids[:, prompt_len:], temperature).float().cpu())
     return torch.cat(chunks)
 

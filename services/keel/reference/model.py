@@ -11,8 +11,16 @@ from keel.trajectory import Trajectories
 class ReferenceModel:
     """Never trained. The controller wraps it in a Ray actor."""
 
-    def __init__(self, path: str, dtype: str = "float32", micro_batch_size: int = 8, temperature: float = 1.0):
+    def __init__(
+        self,
+        path: str,
+        dtype: str = "float32",
+        micro_batch_size: int = 8,
+        temperature: float = 1.0,
+        precision: str = "full",
+    ):
         self.model = load_causal_lm(path, dtype).eval()
+        self.precision = precision  # model.precision: mixed autocasts its forward to bfloat16, as the learner does
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.micro_batch_size = micro_batch_size
@@ -28,6 +36,7 @@ class ReferenceModel:
             traj.prompt_tokens.shape[1],
             self.temperature,
             self.micro_batch_size,
+            self.precision,
         )
         self.samples += len(traj)
         return lp * traj.response_mask

@@ -9,17 +9,20 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from keel.config import SamplingConfig
-from keel.models.loading import load_causal_lm, response_logprobs
+from keel.models.loading import compute_precision, load_causal_lm, response_logprobs
 from keel.rollout.base import Generator, Sample
 
 
 class HFGenerator(Generator):
     backend = "hf"
 
-    def __init__(self, model_path: str, tokenizer, dtype: str = "float32", micro_batch_size: int = 16):
+    def __init__(
+        self, model_path: str, tokenizer, dtype: str = "float32", micro_batch_size: int = 16, precision: str = "full"
+    ):
         self.tokenizer = tokenizer
         self.model = load_causal_lm(model_path, dtype).eval()
         self.micro_batch_size = micro_batch_size
+        self.precision = precision  # model.precision: mixed samples under bfloat16 autocast, as the learner computes
 
     def weight_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
@@ -40,9 +43,25 @@ class HFGenerator(Generator):
             ids[i, P - len(p) :] = torch.tensor(p)
             mask[i, P - len(p) :] = 1
         rule = StopRule(tok, stop_ids, sampling.stop, prompt_len=P)
-        greedy = sampling.temperature == 0.0
         torch.manual_seed(seed)
-        out = self.model.generate(
+        with compute_precision(self.precision, ids.device):
+            out = self._generate(ids, mask, sampling, sorted(stop_ids), rule)
+        responses = out[:, P:].tolist()  # (B * n, <= max_new_tokens); finished rows continue with pad
+        # Cut each row by the rule that stopped it: through its stop token, nothing after.
+        ends = [rule.end(row) for row in responses]
+        lengths = [len(row) if end is None else end for row, end in zip(responses, ends, strict=True)]
+        full_mask = torch.cat([mask.repeat_interleave(sampling.n, 0), _length_mask(lengths, out.shape[1] - P)], 1)
+        temperature = 1.0 if sampling.temperature == 0.0 else sampling.temperature
+        logprobs = response_logprobs(self.model, out, full_mask, P, temperature, self.micro_batch_size, self.precision)
+        return [
+            Sample(k // sampling.n, row[:length], logprobs[k, :length].tolist(), "length" if end is None else "stop")
+            for k, (row, length, end) in enumerate(zip(responses, lengths, ends, strict=True))
+        ]
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, stop_ids, rule: StopRule):
+        """transformers' generate: (B * n, P + <= max_new_tokens) token ids."""
+        greedy = sampling.temperature == 0.0
+        return self.model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=not greedy,
@@ -51,23 +70,12 @@ class HFGenerator(Generator):
             top_k=None if greedy else sampling.top_k,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=sampling.n,
-            eos_token_id=sorted(stop_ids),
-            pad_token_id=pad,
+            eos_token_id=stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
             # not transformers' `stop_strings`: it also matches across the prompt, and rows it stops are
             # padded with pad_token_id, which the cut below would have to tell apart from real tokens
             stopping_criteria=StoppingCriteriaList([rule]),
         )
-        responses = out[:, P:].tolist()  # (B * n, <= max_new_tokens); finished rows continue with pad
-        # Cut each row by the rule that stopped it: through its stop token, nothing after.
-        ends = [rule.end(row) for row in responses]
-        lengths = [len(row) if end is None else end for row, end in zip(responses, ends, strict=True)]
-        full_mask = torch.cat([mask.repeat_interleave(sampling.n, 0), _length_mask(lengths, out.shape[1] - P)], 1)
-        temperature = 1.0 if greedy else sampling.temperature
-        logprobs = response_logprobs(self.model, out, full_mask, P, temperature, self.micro_batch_size)
-        return [
-            Sample(k // sampling.n, row[:length], logprobs[k, :length].tolist(), "length" if end is None else "stop")
-            for k, (row, length, end) in enumerate(zip(responses, lengths, ends, strict=True))
-        ]
 
 
 class StopRule(StoppingCriteria):

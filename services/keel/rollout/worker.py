@@ -12,7 +12,7 @@ import uuid
 
 import torch
 
-from keel.config import GrpcConfig, ModelConfig, RolloutConfig, SamplingConfig
+from keel.config import GrpcConfig, ModelConfig, RolloutConfig, SamplingConfig, rollout_dtype
 from keel.data.prompts import Prompt
 from keel.models.loading import DTYPES, load_tokenizer
 from keel.rollout.base import Generator
@@ -27,10 +27,11 @@ def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer, max_mo
     if rollout.backend == "vllm":
         from keel.rollout.vllm_backend import VLLMGenerator
 
-        return VLLMGenerator(model.policy, tokenizer, model.dtype, max_model_len, rollout.vllm, seed)
+        dtype = rollout_dtype(model, rollout)
+        return VLLMGenerator(model.policy, tokenizer, dtype, max_model_len, rollout.vllm, seed)
     from keel.rollout.hf_backend import HFGenerator
 
-    return HFGenerator(model.policy, tokenizer, model.dtype)
+    return HFGenerator(model.policy, tokenizer, model.dtype, precision=model.precision)
 
 
 class RolloutWorker:
@@ -47,9 +48,9 @@ class RolloutWorker:
         self.generator = make_generator(model, rollout, self.tokenizer, max_model_len, seed)
         self.weight_version = 0
         self._specs = self.generator.weight_specs()
-        # what the learner sends: the same names and shapes, floating tensors in model.dtype (a
+        # what the learner sends: the same names and shapes, floating tensors in the rollout's dtype (a
         # checkpoint saved in another dtype is cast on load); a weight manifest must match it exactly
-        wire = DTYPES[model.dtype]
+        wire = DTYPES[rollout_dtype(model, rollout)]
         self._wire_specs = {k: (shape, wire if dt.is_floating_point else dt) for k, (shape, dt) in self._specs.items()}
         self._weights = None  # WeightClient, once connected
         self._pusher = None  # TrajectoryPusher, once connected
@@ -88,11 +89,16 @@ class RolloutWorker:
             metadata=[dict(p.metadata) for p in chosen],
         )
 
-    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+    def update_weights(self, state: dict, version: int) -> int:
         """Check the whole update, then apply it; on any problem raise and keep the old weights.
+        `state` is name -> tensor, or what keel.transport.objectstore.pack made of it.
 
         Returns the new weight version.
         """
+        from keel.transport.objectstore import unpack
+
+        if state and isinstance(next(iter(state.values())), tuple):
+            state = unpack(state)
         if version <= self.weight_version:
             raise WeightUpdateError(
                 f"{self.worker_id}: version {version} is not newer than the serving {self.weight_version}"
@@ -101,6 +107,21 @@ class RolloutWorker:
         self.generator.load_weights(list(state.items()))
         self.weight_version = version
         return version
+
+    def update_weights_shared(self, handle, version: int) -> int | None:
+        """`update_weights` from the learner's shared-memory buffer (keel.transport.shm), mapped, not
+        copied, before the load; None (nothing changed) when the learner is on another node."""
+        import ray
+
+        from keel.transport.shm import NotOnThisNode, StaleHandle, read_shared
+
+        try:
+            state = read_shared(handle, ray.get_runtime_context().get_node_id())
+        except NotOnThisNode:
+            return None
+        except StaleHandle as err:
+            raise WeightUpdateError(f"{self.worker_id}: {err}") from None
+        return self.update_weights(state, version)
 
     # ------------------------------------------------------------------ over gRPC
 
@@ -151,5 +172,12 @@ def check_weights(
         shape, _ = specs[name]
         if tuple(tensor.shape) != shape:
             raise WeightUpdateError(f"{who}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise WeightUpdateError(f"{who}: tensor {name!r} has non-finite values")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one read pass: a NaN or an infinity makes the float32 sum
+    non-finite. Only when it is (an overflow of huge finite values could do that too) are the
+    values checked one by one."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())

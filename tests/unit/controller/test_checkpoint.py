@@ -110,3 +110,20 @@ def test_cut_metrics_keeps_whole_lines_before_the_checkpoint(tmp_path):
     assert dropped == 3
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
     assert path.read_text().endswith("\n")
+
+
+def test_a_resume_may_change_the_trackers_and_a_run_saved_before_them_resumes():
+    """The trackers are where metrics go, not what a run computes (MAY_DIFFER); an offline run saved
+    before its config had a logging section compares that section field by field, as empty."""
+    from keel.config import SFTConfig
+    from keel.controller.checkpoint import config_differences
+
+    base = {"model": {"path": "m"}, "data": {"path": "d"}}
+    saved = SFTConfig.model_validate(base).model_dump(mode="json")
+    logging = {"console": "rich", "trackers": ["wandb", "mlflow"], "wandb": {"project": "p"}, "mlflow": {}}
+    current = SFTConfig.model_validate({**base, "logging": logging}).model_dump(mode="json")
+    assert config_differences(saved, current) == []
+    del saved["logging"]
+    assert config_differences(saved, current) == []
+    saved["train"] = {**saved["train"], "epochs": 2}  # what the run computes still counts
+    assert config_differences(saved, current) == ["train.epochs: 2 -> 1"]

@@ -89,5 +89,5 @@ def test_a_bad_held_out_file_stops_the_run_before_anything_is_placed(tiny_model_
     controller = loop.Controller(cfg, tmp_path / "run", log=lambda *_: None)
     with pytest.raises(DataError, match=r"eval.jsonl.*1.*missing metadata field 'answer'"):
         controller.start()
-    controller.metrics_file.close()
+    controller.sinks.close()
     assert controller.supervisor.groups == {} and controller.supervisor.reward is None

@@ -30,7 +30,7 @@ class _Flaky:
     def __init__(self, errors, seen):
         self.errors, self.seen = errors, seen
 
-    def __call__(self, cfg, run_dir, log, resume_from, run_restarts):
+    def __call__(self, cfg, run_dir, log, resume_from, run_restarts, progress):
         outer = self
 
         class Controller:

@@ -147,3 +147,39 @@ def test_every_estimator_trains_toward_rewarded_samples(demo_inputs, estimator):
     new, _ = learner.old_logprobs_and_values(traj)
     gain = ((new - old) * traj.response_mask).sum(-1)
     assert gain[[0, 2]].min() > 0 > gain[[1, 3]].max(), (estimator, gain)
+
+
+def test_mixed_precision_keeps_float32_weights_and_the_reference_agrees(tiny_model_dir):
+    """model.precision mixed: bfloat16 matmuls, float32 weights, gradients and optimizer state.
+    The learner's and the reference's log-probs of the same weights agree exactly (the KL starts at
+    0, as in float32), sit within bfloat16 rounding of the float32 ones, and the rollout is sent
+    bfloat16 weights when plan.weights_dtype says so."""
+    from keel.reference.model import ReferenceModel
+
+    algo = AlgorithmConfig(estimator="grpo", mini_batch_size=4, ppo_epochs=1, kl=KLConfig(coef=0.1, placement="loss"))
+    learner_cfg = LearnerConfig(micro_batch_size=2, optimizer=OptimizerConfig(lr=1e-3))
+    plan = LearnerPlan(temperature=1.0, use_critic=False, total_optimizer_steps=2, weights_dtype="bfloat16")
+    model = ModelConfig(policy=str(tiny_model_dir), precision="mixed")
+    learner = Learner(model, learner_cfg, algo, plan)
+    tok = load_tokenizer(str(tiny_model_dir))
+    traj = _batch(tok, PAIRS)
+    mixed, _ = learner.old_logprobs_and_values(traj)
+    reference = ReferenceModel(str(tiny_model_dir), precision="mixed").logprobs(traj)
+    full = ReferenceModel(str(tiny_model_dir)).logprobs(traj)
+    mask = traj.response_mask
+    assert torch.equal(mixed, reference)
+    gap = (mixed - full)[mask].abs().max().item()
+    assert 0 < gap < 0.1, gap  # bfloat16 compute really ran, and stayed close
+
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0]).unsqueeze(1) * mask.float()
+    metrics, logprobs = learner.update_on_policy(traj.with_fields(advantages=adv, ref_logprobs=reference))
+    assert torch.equal(logprobs, mixed) and metrics["kl/mean"] == 0.0
+    after, _ = learner.old_logprobs_and_values(traj)
+    gain = ((after - mixed) * mask).sum(-1)
+    assert gain[[0, 2]].min() > 0 > gain[[1, 3]].max(), gain  # gradients reached the float32 weights
+    assert all(p.dtype == torch.float32 for p in learner.policy.module.parameters())
+    assert all(p.dtype == torch.float32 for p in learner.policy_state().values())
+    exported = learner.export_weights()
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="model.dtype must be float32"):
+        ModelConfig(policy="p", dtype="bfloat16", precision="mixed")

@@ -117,13 +117,16 @@ def test_finished_refused_and_force_new(tiny_model_dir, tmp_path, capsys):
     assert "trainer.optimizer.lr: 0.001 -> 0.002" in line and line.endswith("(--force-new starts over)")
     assert _files(out) == files
 
-    # --force-new: the old run's checkpoints, metrics and config moved aside whole; a new run trained
+    # --force-new: the old run's checkpoints, metrics (TensorBoard's too) and config moved aside whole; a new
+    # run trained
     assert _sft(other, out, "--force-new") == EXIT_OK
     (aside,) = out.glob("replaced-*")
     assert f"are now in {aside}" in capsys.readouterr().out
-    assert {name: files[name] for name in files if name.startswith(("checkpoints", "metrics", "keel_config"))} == {
+    old_run = ("checkpoints", "metrics", "keel_config", "tensorboard")
+    assert {name: files[name] for name in files if name.startswith(old_run)} == {
         str(p.relative_to(aside)): p.stat().st_mtime_ns for p in sorted(aside.rglob("*")) if p.is_file()
     }
+    assert len(list((out / "tensorboard").glob("events.*"))) == 1  # the new run's own
     state = CheckpointStore.read_state(CheckpointStore(out / "checkpoints", 1).latest())
     assert state["finished"] and state["config"]["trainer"]["optimizer"]["lr"] == 2e-3
     second = _metrics(out)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+
+import pytest
 
 from keel.config import SFTConfig
 from keel.learner.offline import run_offline
 from keel.learner.sft import SFTTrainer
+from keel.telemetry.console import Console
 from unit.learner.offline_helpers import sft_data, trainer
+from unit.telemetry.trackers import tensorboard_scalars
 
 
 def test_sft_loss_falls_and_the_output_loads(demo_inputs, tmp_path):
@@ -20,7 +25,8 @@ def test_sft_loss_falls_and_the_output_loads(demo_inputs, tmp_path):
             "train": {"epochs": 3, "batch_size": 32},
         }
     )
-    history, notes = run_offline(SFTTrainer, cfg, tmp_path / "out")
+    shown = io.StringIO()
+    history, notes = run_offline(SFTTrainer, cfg, tmp_path / "out", progress=Console("plain", shown))
     train = [m["sft/loss"] for m in history if "sft/loss" in m]
     evals = [m["eval/sft/loss"] for m in history if "eval/sft/loss" in m]
     assert len(train) == 3 * (224 // 32) and len(evals) == 3  # an evaluation after each epoch
@@ -30,6 +36,14 @@ def test_sft_loss_falls_and_the_output_loads(demo_inputs, tmp_path):
     out = tmp_path / "out"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == len(history) and (out / "keel_config.yaml").exists()
+    # the trackers (TensorBoard by default) hold every step's metrics at the step of metrics.jsonl
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["sft/loss"]] == list(range(1, 22))
+    assert [v for _, v in scalars["sft/loss"]] == pytest.approx(train, rel=1e-6)  # float32 in the event file
+    assert [s for s, _ in scalars["eval/sft/loss"]] == [7, 14, 21]
+    # each long operation reported its progress: a line as it starts and ends on a non-terminal
+    ends = [line.split(":")[1].strip() for line in shown.getvalue().splitlines() if "done in" in line]
+    assert ends == ["tokenize rows", "load model", "evaluate", "evaluate", "evaluate", "train"], shown.getvalue()
 
     from transformers import AutoModelForCausalLM
 

@@ -99,6 +99,18 @@ def _update(model_dir, traj: Trajectories, mode: str, micro: int, rank_world=Non
     return state, metrics
 
 
+def _on_policy(model_dir, traj: Trajectories, micro: int, rank_world=None):
+    """This rank's share of the log-prob pass, then a one-pass update without old_logprobs: (its
+    share, the weights after, the metrics, the log-probs the update returned)."""
+    algo, learner_cfg, plan = _configs("token-mean", micro, rank_world or 1)
+    learner = Learner(ModelConfig(policy=str(model_dir)), learner_cfg, algo, plan)
+    share, _ = learner.old_logprobs_and_values(traj)
+    metrics, logprobs = learner.update_on_policy(traj.with_fields(old_logprobs=None))
+    state = {f"policy.{k}": v for k, v in learner.policy_state().items()}
+    state |= {f"critic.{k}": v for k, v in full_state_dict(learner.critic).items()}
+    return share, state, metrics, logprobs
+
+
 class _Rank:
     """One learner rank in its own process (a Ray actor), for the two-rank runs."""
 
@@ -107,6 +119,11 @@ class _Rank:
 
         state, metrics = _update(model_dir, traj, mode, micro, int(os.environ["WORLD_SIZE"]))
         return state, metrics
+
+    def on_policy(self, model_dir: str, traj: Trajectories, micro: int):
+        import os
+
+        return _on_policy(model_dir, traj, micro, int(os.environ["WORLD_SIZE"]))
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +228,40 @@ def test_the_kl_coefficient_in_the_loss_is_the_one_passed(tiny_model_dir):
         out[coef] = learner.update(traj, kl_coef=coef)
     assert out[0.1]["kl/coef"] == 0.1 and out[0.4]["kl/coef"] == 0.4
     assert out[0.4]["kl/loss"] == pytest.approx(4 * out[0.1]["kl/loss"], rel=1e-5)
+
+
+def test_a_one_pass_update_takes_pi_old_from_its_own_forward_pass(setup):
+    """update_on_policy (one epoch, one mini-batch) trains exactly as update does after a separate
+    log-prob pass, on one rank and on two, and returns those log-probs; the log-prob pass itself
+    splits the batch over the ranks, and their shares join to the one-rank result."""
+    import ray
+
+    model_dir, traj, ranks = setup
+    algo, learner_cfg, plan = _configs("token-mean", micro=4)
+    learner = Learner(ModelConfig(policy=str(model_dir)), learner_cfg, algo, plan)
+    old, values = learner.old_logprobs_and_values(traj)
+    assert (old - traj.old_logprobs).abs().max() < 1e-5 and values.shape == old.shape
+    separate, m_separate = _update(model_dir, traj.with_fields(old_logprobs=old), "token-mean", micro=4)
+
+    share, one_rank, m_one, logprobs = _on_policy(model_dir, traj, micro=4)
+    assert torch.equal(share, old)
+    assert (logprobs - old).abs().max() < 1e-5
+    assert _worst(separate, one_rank) < 1e-6
+    assert m_one["policy/loss"] == pytest.approx(m_separate["policy/loss"], abs=1e-6)
+    assert m_one["policy/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+
+    (s0, two_ranks, m_two, lp0), (s1, _, _, lp1) = ray.get([r.on_policy.remote(str(model_dir), traj, 2) for r in ranks])
+    assert s0.shape[0] == s1.shape[0] == len(traj) // 2
+    assert (torch.cat([s0, s1]) - old).abs().max() < 1e-5
+    assert torch.equal(lp0, lp1) and (lp0 - old).abs().max() < 1e-5  # every rank returns the whole batch's
+    assert _worst(separate, two_ranks) < 1e-6
+    assert m_two["policy/loss"] == pytest.approx(m_separate["policy/loss"], abs=1e-6)
+
+
+def test_a_one_pass_update_refuses_several_passes(tiny_model_dir):
+    traj = _scored(tiny_model_dir)
+    algo, learner_cfg, plan = _configs("token-mean", micro=8)
+    algo = algo.model_copy(update={"ppo_epochs": 2})
+    learner = Learner(ModelConfig(policy=str(tiny_model_dir)), learner_cfg, algo, plan)
+    with pytest.raises(ValueError, match="needs ppo_epochs 1 and mini_batch_size = the batch"):
+        learner.update_on_policy(traj.with_fields(old_logprobs=None))
