@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -408,19 +409,12 @@ class Learner:
 
         from keel.transport.shm import SharedWeights
 
-        module, wire = self.policy.module, DTYPES[self.plan.weights_dtype]
         if self.rank == 0 and self._shared is None:
             self._shared = SharedWeights(ray.get_runtime_context().get_node_id())
-
-        def write():
-            return self._shared.write(version, module.state_dict(), wire) if self.rank == 0 else None
-
-        if self.policy.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return write()
-        return write()
+        with whole_params(self.policy) as module:
+            if self.rank != 0:
+                return None
+            return self._shared.write(version, module.state_dict(), DTYPES[self.plan.weights_dtype])
 
     def export_packed_weights(self):
         """`export_weights` as numpy arrays for the object store (keel.transport.objectstore.pack)."""
@@ -483,16 +477,23 @@ class Learner:
         return out
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """An engine's whole module state on CPU under its own names. Under ZeRO-3 the shards are
-    gathered first, which is a collective: every rank must call it."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+@contextmanager
+def whole_params(engine):
+    """An engine's module with its parameters whole inside the block: under ZeRO-3 the shards are
+    gathered (a collective: every rank must enter it), otherwise they already are."""
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module
+        return
+    import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield engine.module
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """An engine's whole module state on CPU under its own names (a collective under ZeRO-3)."""
+    with whole_params(engine) as module:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def step_engine(engine, key: str) -> dict[str, float]:
