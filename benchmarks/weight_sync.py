@@ -20,13 +20,24 @@ path ends with the same bytes written into a consumer's own preallocated weights
   timed apart. This is the path `transport.weights: grpc` takes.
 
 Prints the median of --repeats runs per cell, GB/s, and the ratios between paths.
+
+    .venv/bin/python benchmarks/weight_sync.py --part lora [--lora-sizes 28m,100m] [--rank 16] [--backend vllm]
+
+The LoRA part (model.lora) runs Keel's own roles on Llamas of the peer workload's sizes: a Learner
+(DeepSpeed, one rank) and a RolloutWorker (--backend), each a Ray actor, as a run starts them. For
+full fine-tuning and for rank --rank adapters on q/k/v/o it reports the bytes of one sync and its
+time over shared memory (learner export + the worker's check, merge and reload) and over gRPC
+(publish + fetch, check, merge, reload), and the learner's resident memory after an update (weights,
+gradients and AdamW state; with LoRA the base is frozen and only the adapters have the latter two).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -99,12 +110,28 @@ class Consumer:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["paths", "lora", "all"], default="all")
     parser.add_argument("--sizes", default="1,25,100", help="model sizes in millions of parameters")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-mb", type=float, default=4.0)
+    parser.add_argument("--lora-sizes", default="28m,100m", help="peer workload sizes for the LoRA part")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the LoRA part")
+    parser.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="rollout backend of the LoRA part")
     args = parser.parse_args()
     os.environ.setdefault("KEEL_GRPC_TOKEN", "bench-token")
 
+    import ray
+
+    # the workers inherit the token from this process's environment (never from a runtime_env)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.part in ("paths", "all"):
+        transport_paths(args)
+    if args.part in ("lora", "all"):
+        lora_sync(args)
+    ray.shutdown()
+
+
+def transport_paths(args) -> None:
     import ray
 
     from keel.config import GrpcConfig
@@ -112,8 +139,6 @@ def main() -> None:
     from keel.transport.shm import SharedWeights
     from keel.transport.weights import WeightPublisher
 
-    # the workers inherit the token from this process's environment (never from a runtime_env)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     publisher = WeightPublisher(GrpcConfig(weight_chunk_mb=args.chunk_mb, max_message_mb=64, weight_versions_kept=1))
     shared = SharedWeights("bench")
     version = 0
@@ -170,7 +195,127 @@ def main() -> None:
         print(f"| {params / 1e6:.1f}M | {size / 1e6:.0f} | " + " | ".join(cells) + " |")
     shared.close()
     publisher.stop(0)
-    ray.shutdown()
+
+
+# --------------------------------------------------------------------------- model.lora: full vs adapters
+
+
+def fake_batch(vocab: int, batch: int = 8, prompt: int = 16, response: int = 16):
+    """A scored batch of random tokens for one on-policy update (every token a response token)."""
+    from keel.trajectory import Trajectories
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, response, dtype=torch.bool)
+    return Trajectories(
+        rollout_id="bench",
+        weight_version=0,
+        prompt_ids=[str(i // 2) for i in range(batch)],
+        sample_index=[i % 2 for i in range(batch)],
+        prompt_tokens=torch.randint(4, vocab, (batch, prompt), generator=g),
+        prompt_mask=torch.ones(batch, prompt, dtype=torch.bool),
+        response_tokens=torch.randint(4, vocab, (batch, response), generator=g),
+        response_mask=mask,
+        behaviour_logprobs=torch.zeros(batch, response),
+        prompts=[""] * batch,
+        responses=[""] * batch,
+        advantages=torch.randn(batch, 1, generator=g).expand(batch, response).contiguous(),
+        ref_logprobs=torch.zeros(batch, response),
+    )
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), in MB."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def lora_sync(args) -> None:
+    """Full fine-tuning against --rank adapters: sync bytes, sync time (shm, gRPC), learner memory."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from keel.config import (
+        AlgorithmConfig,
+        GrpcConfig,
+        KLConfig,
+        LearnerConfig,
+        LoraConfig,
+        ModelConfig,
+        OptimizerConfig,
+        Resources,
+        RolloutConfig,
+    )
+    from keel.controller.actors import free_port, remote
+    from keel.learner.learner import Learner, LearnerPlan
+    from keel.rollout.worker import RolloutWorker
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peer_workload import make_model
+
+    grpc_cfg = GrpcConfig(weight_chunk_mb=args.chunk_mb, max_message_mb=64, weight_versions_kept=1)
+    algo = AlgorithmConfig(estimator="grpo", mini_batch_size=8, kl=KLConfig(coef=0.0, placement="loss"))
+    learner_cfg = LearnerConfig(micro_batch_size=8, optimizer=OptimizerConfig(lr=1e-4))
+    plan = LearnerPlan(temperature=1.0, use_critic=False, total_optimizer_steps=10)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.lora_sizes.split(","):
+            path = make_model(Path(tmp) / size, size)
+            vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+            batch = ray.put(fake_batch(vocab))
+            for lora in (None, LoraConfig(rank=args.rank, alpha=2 * args.rank)):
+                model = ModelConfig(policy=str(path), lora=lora)
+                env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+                env |= {"OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+                learner = remote(Learner, Resources(num_cpus=1), env).remote(model, learner_cfg, algo, plan)
+                rollout = RolloutConfig(backend=args.backend)
+                worker = remote(RolloutWorker, Resources(num_cpus=1), env).remote(model, rollout, 64, 0)
+                ray.get(learner.update_on_policy.remote(batch))  # AdamW state exists from the first step on
+                memory = ray.get(learner.__ray_call__.remote(lambda _: memory_mb()))
+                address = ray.get(learner.serve_weights.remote(grpc_cfg))
+                ray.get(worker.connect.remote(grpc_cfg, address))
+                times: dict[str, list[float]] = {k: [] for k in ("export", "apply", "publish", "fetch")}
+                version = 0
+                for _ in range(args.repeats + 1):  # the first round warms up
+                    version += 1
+                    t0 = time.perf_counter()
+                    handle = ray.get(learner.export_shared.remote(version))
+                    t1 = time.perf_counter()
+                    assert ray.get(worker.update_weights_shared.remote(handle, version)) == version
+                    t2 = time.perf_counter()
+                    version += 1
+                    published = ray.get(learner.publish_weights.remote(version))
+                    t3 = time.perf_counter()
+                    assert ray.get(worker.pull_weights.remote(version)) == version
+                    t4 = time.perf_counter()
+                    if version > 2:
+                        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                            times[k].append(v)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                params = ray.get(learner.__ray_call__.remote(lambda lr: lr.params))
+                rows.append((size, "full" if lora is None else f"LoRA r{args.rank}", handle.total_bytes, med, memory))
+                rows[-1][3]["bytes_grpc"] = published["bytes"]
+                rows[-1][3]["params"] = params
+                for actor in (learner, worker):
+                    ray.kill(actor)
+
+    print(f"\nmodel.lora weight sync, {args.backend} rollout, median of {args.repeats}, auth on, 2 CPUs\n")
+    print(
+        "| model | trained | trainable params | bytes per sync | shared memory: export + apply ms "
+        "| gRPC: publish + fetch ms | learner RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for size, kind, size_bytes, m, memory in rows:
+        trainable = f"{m['params']['params/trainable'] / 1e6:.2f}M of {m['params']['params/total'] / 1e6:.1f}M"
+        shm = f"{m['export'] * 1e3:.0f} + {m['apply'] * 1e3:.0f}"
+        grpc_ms = f"{m['publish'] * 1e3:.0f} + {m['fetch'] * 1e3:.0f}"
+        line = [size, kind, trainable, _size(size_bytes), shm, grpc_ms, f"{memory['VmRSS']:.0f}"]
+        print("| " + " | ".join(line) + " |")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         what = f"estimator {cfg.algorithm.estimator}, rollout {cfg.rollout.backend} x{cfg.rollout.replicas}"
     elif args.kind == "eval":
         what = f"{len(cfg.checkpoints)} checkpoint(s)"
+    elif args.kind == "bon":
+        what = f"best of {cfg.bon.n} from {cfg.model.policy}, keep {cfg.bon.keep}"
     else:
         what = f"{args.kind} from {cfg.model.path}, {cfg.train.epochs} epoch(s) of batch {cfg.train.batch_size}"
     print(f"{args.file}: ok ({what})")
@@ -150,9 +152,11 @@ def eval_preflight(cfg) -> list[str]:
     """Files an eval config names that are not there."""
     fields = [(f"checkpoints[{i}].path", c.path) for i, c in enumerate(cfg.checkpoints)]
     fields += [("reference", cfg.reference), ("data.prompts", cfg.data.prompts), ("judge", cfg.judge)]
-    if cfg.reward is not None and cfg.reward.source.type == "model":
-        fields.append(("reward.source.path", cfg.reward.source.path))
-    return _missing(fields)
+    if cfg.reward is None:
+        return _missing(fields)
+    from keel.reward.model import source_problems
+
+    return _missing(fields) + source_problems(cfg.reward)
 
 
 def _metric_line(kind: str, m: dict) -> str:
@@ -231,7 +235,10 @@ def cmd_offline(args: argparse.Namespace) -> int:
             print(f"{args.kind}: stopped with a checkpoint in {out}; run the same command to resume")
             return EXIT_STOPPED
     _write_plots(out)
-    print(f"wrote {args.kind} model to {out}")
+    if cfg.model.lora is not None:
+        print(f"wrote {args.kind} LoRA adapter to {out} and the merged model to {out / 'merged'}")
+    else:
+        print(f"wrote {args.kind} model to {out}")
     return EXIT_OK
 
 
@@ -269,6 +276,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bon_preflight(cfg) -> list[str]:
+    """What `preflight` finds in the run config keel bon starts its roles from: files that are not
+    there, a reward function that cannot be imported."""
+    from keel.config import bon_run_config
+
+    return preflight(bon_run_config(cfg))
+
+
+def cmd_bon(args: argparse.Namespace) -> int:
+    """keel bon: check the config and files, start the rollout and reward roles on Ray, sample n per
+    prompt, score, keep the best (or those above a threshold), write the SFT dataset."""
+    import os
+    import time
+    from pathlib import Path
+
+    cfg = _checked_config(args.config, "bon", bon_preflight)
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    out = Path(args.out or cfg.bon.output or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}/bon.jsonl")
+    import ray
+
+    _role_env()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    from keel.bon import run_bon
+    from keel.controller.placement import PlacementError
+    from keel.controller.supervisor import RoleFailed
+    from keel.data.rows import DataError
+    from keel.telemetry.console import Console
+
+    console = Console("rich")  # progress bars on a terminal, plain lines in a log (a bon config has no logging)
+    try:
+        run_bon(cfg, out, log=console.log, progress=console)
+    except DataError as err:
+        _err(f"data error: {err}")
+        return EXIT_BAD_INPUT
+    except (PlacementError, RoleFailed) as err:
+        _err(f"error: {err}")
+        return EXIT_FAILED
+    finally:
+        console.close()
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -301,19 +353,14 @@ def preflight(cfg) -> list[str]:
             problems.append(str(err))
     if cfg.reference.model and not Path(cfg.reference.model).exists():
         problems.append(f"reference.model: {cfg.reference.model} does not exist")
-    grpc_cfg = cfg.transport.grpc
-    source = cfg.reward.source
-    if grpc_cfg.reward_address is None:  # the job scores with its own reward; an external server has its own
-        if source.type == "model" and not Path(source.path).exists():
-            problems.append(f"reward.source.path: {source.path} does not exist")
-        if source.type == "function":
-            from keel.reward.model import RewardError, import_function
+    from keel.config import reward_sources
+    from keel.reward.model import source_problems
 
-            try:
-                import_function(source.function)
-            except RewardError as err:
-                problems.append(str(err))
-    if cfg.transport.uses_grpc():
+    grpc_cfg = cfg.transport.grpc
+    if grpc_cfg.reward_address is None:  # the job scores with its own reward; an external server has its own
+        problems.extend(source_problems(cfg.reward))
+    servers = any(s.type == "server" for s in reward_sources(cfg.reward))  # called with transport.grpc's token
+    if cfg.transport.uses_grpc() or servers:
         from keel.transport.security import SecurityConfigError, job_tls_problems, load_token
 
         try:
@@ -626,6 +673,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             job = jobs.status(args.address, args.job)
             text = f"{job['job']}: {job['status']}" + (f" ({job['message']})" if job["message"] else "")
             over = job["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
+            if job["status"] == "RUNNING":  # the run's own status, from its controller
+                try:
+                    live = jobs.live_status(args.address, args.job)
+                except jobs.JobError as err:
+                    live = {"summary": None, "why": str(err)}
+                if live["summary"] is not None:
+                    text += "\n" + format_status({**live["summary"], "state": "running"})
+                else:
+                    text += "\n  " + live.get("why", "no step done yet")
         if args.watch and sys.stdout.isatty():
             print("\033[2J\033[H", end="")  # a terminal: redraw in place
         print(text, flush=True)
@@ -665,6 +721,20 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_control_status(args: argparse.Namespace) -> int:
+    """Inside the cluster (the control job that `keel status JOB` submits): the job's state and
+    status summary as one JSON line."""
+    from keel.controller.control import read_status
+
+    try:
+        status = read_status(args.job)
+    except LookupError as err:
+        _err(str(err))
+        return EXIT_FAILED
+    print(json.dumps(status))
+    return EXIT_OK
+
+
 def cmd_control_scale(args: argparse.Namespace) -> int:
     """Inside the cluster (the control job that `keel scale` submits)."""
     from keel.controller.control import send_scale
@@ -701,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a run config or print its JSON schema")
     config.set_defaults(func=lambda _: _usage(config))
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    kinds = ["train", "sft", "rm", "dpo", "eval"]
+    kinds = ["train", "sft", "rm", "dpo", "eval", "bon"]
     validate = config_sub.add_parser("validate", help="check a YAML config; errors name the field")
     validate.add_argument("file", help="YAML config")
     validate.add_argument("--kind", choices=kinds, default="train", help="which command reads it (default train)")
@@ -761,6 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", required=True, help="YAML eval config (keel config schema --kind eval)")
     ev.add_argument("--out", help="eval.json path (default: the config's output, else runs/<name>-<time>/eval.json)")
     ev.set_defaults(func=cmd_eval)
+
+    bon = sub.add_parser(
+        "bon", help="best-of-n / rejection sampling: n samples per prompt, scored, the best kept as an SFT dataset"
+    )
+    bon.add_argument("--config", required=True, help="YAML bon config (keel config schema --kind bon)")
+    bon.add_argument("--out", help="the dataset (JSONL; default: bon.output, else runs/<name>-<time>/bon.jsonl)")
+    bon.set_defaults(func=cmd_bon)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a checkable task: SFT -> RM -> PPO (and DPO), evaluated")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
@@ -822,13 +899,16 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", help=address_help)
     scale.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the job to apply it")
     scale.set_defaults(func=cmd_scale)
-    control = sub.add_parser("_control")  # run inside the cluster by `keel scale`
+    control = sub.add_parser("_control")  # run inside the cluster by `keel scale` and `keel status JOB`
     control_sub = control.add_subparsers(dest="control_command", metavar="ACTION")
     control_scale = control_sub.add_parser("scale")
     control_scale.add_argument("--job", required=True)
     control_scale.add_argument("--rollout", type=int, required=True)
     control_scale.add_argument("--timeout", type=float, default=300.0)
     control_scale.set_defaults(func=cmd_control_scale)
+    control_status = control_sub.add_parser("status")
+    control_status.add_argument("--job", required=True)
+    control_status.set_defaults(func=cmd_control_status)
     control.set_defaults(func=lambda _: _usage(control))
 
     serve = sub.add_parser("serve", help="run a role as a standalone gRPC server")

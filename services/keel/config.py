@@ -68,6 +68,37 @@ class Resources(Section):
 # --------------------------------------------------------------------------- model
 
 
+class LoraConfig(Section):
+    """LoRA adapters (PEFT): only the adapters train; the base weights stay frozen."""
+
+    rank: PositiveInt = Field(8, description="r: the rank of each adapter (lora_A is r x in, lora_B is out x r).")
+    alpha: float = Field(
+        16.0, gt=0.0, allow_inf_nan=False, description="lora_alpha: the adapter's output is scaled by alpha / rank."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter's input while training (keel sft, keel dpo); keel train needs 0: its "
+        "training forward pass must be the policy that sampled.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Linear layers that get an adapter, by name or name suffix (PEFT's matching): q_proj matches "
+        "every model.layers.N.self_attn.q_proj.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not name.strip() for name in v):
+            raise ValueError(f"module names must not be blank, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a module is listed twice in {v}")
+        return v
+
+
 class ModelConfig(Section):
     """The policy to train."""
 
@@ -87,6 +118,12 @@ class ModelConfig(Section):
         128, description="Prompts longer than this are handled per data.overlong_prompts."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the checkpoint.")
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters instead of every weight; unset = off. The reference is then the policy with "
+        "its adapter off, computed by the learner (no reference actors, no second copy of the weights), and a weight "
+        "sync sends only the adapters, which each rollout worker merges into its base weights.",
+    )
 
     @model_validator(mode="after")
     def _mixed_needs_float32(self) -> ModelConfig:
@@ -185,9 +222,48 @@ class RolloutConfig(Section):
 # --------------------------------------------------------------------------- reward
 
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_SOURCE_NAME = re.compile(r"^[A-Za-z][\w-]*$")
+SOURCE_TYPES = ("model", "function", "server")
 
 
-class RewardModelSource(Section):
+class RewardSourceBase(Section):
+    """What every reward source has besides what scores: its place in the combination of reward.sources,
+    total = sum_i weight_i * normalize_i(score_i)."""
+
+    name: str | None = Field(
+        None,
+        description="Names the source in errors and in the metric reward/<name>_mean (its raw mean per step); "
+        "letters, digits, _ and -. Unset = the function's name (type function), or model, or server.",
+    )
+    weight: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="Weight of this source in the sum (negative to penalise, 0 to watch it without training on it).",
+    )
+    normalize: Literal["none", "whiten", "clip"] = Field(
+        "none",
+        description="Before weighting: none (raw scores); whiten ((score - mean) / std of this source over the "
+        "step's whole batch, std floored at 1e-6); clip (scores clipped to [-clip, clip]).",
+    )
+    clip: float | None = Field(None, gt=0, description="The bound of normalize: clip (required with it, only with it).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_key(cls, v: str | None) -> str | None:
+        if v is not None and not _SOURCE_NAME.match(v):
+            raise ValueError(f"must start with a letter and hold only letters, digits, _ and - (got {v!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _clip_with_normalize_clip(self) -> RewardSourceBase:
+        if self.normalize == "clip" and self.clip is None:
+            raise ValueError("normalize: clip needs a bound: set clip (clip: 1.0, say)")
+        if self.clip is not None and self.normalize != "clip":
+            raise ValueError(f"clip is set but normalize is {self.normalize}: set normalize: clip, or drop clip")
+        return self
+
+
+class RewardModelSource(RewardSourceBase):
     """Score with an HF sequence-classification model (one logit)."""
 
     type: Literal["model"] = Field("model", description="Selects this kind of source.")
@@ -198,7 +274,7 @@ class RewardModelSource(Section):
     )
 
 
-class RewardFunctionSource(Section):
+class RewardFunctionSource(RewardSourceBase):
     """Score with a Python function `fn(prompts, responses, metadata) -> list[float]`."""
 
     type: Literal["function"] = Field("function", description="Selects this kind of source.")
@@ -215,16 +291,45 @@ class RewardFunctionSource(Section):
         return v
 
 
-class RewardConfig(Section):
-    """The reward: a model or a function, served as a Ray actor or over gRPC."""
+class RewardServerSource(RewardSourceBase):
+    """Score with a remote reward server (`keel serve reward`): its scores (its own sources combined).
 
-    source: Annotated[RewardModelSource | RewardFunctionSource, Field(discriminator="type")] = Field(
-        description="What produces the score: {type: model, path: ...} or {type: function, function: 'mod:fn'}."
+    Called with transport.grpc's token and TLS settings, from the job's reward actors."""
+
+    type: Literal["server"] = Field("server", description="Selects this kind of source.")
+    address: str = Field(description="host:port of the server.")
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if not re.fullmatch(r"\S+:\d{1,5}", v):
+            raise ValueError(f"must look like host:port, got {v!r}")
+        return v
+
+
+RewardSource = Annotated[RewardModelSource | RewardFunctionSource | RewardServerSource, Field(discriminator="type")]
+
+
+class RewardConfig(Section):
+    """The reward: one source, or several combined per sample; served as Ray actors or over gRPC."""
+
+    source: RewardSource | None = Field(
+        None,
+        description="What produces the score: {type: model, path: ...}, {type: function, function: 'mod:fn'} or "
+        "{type: server, address: host:port}. The same as reward.sources with this one entry; give one of the two.",
+    )
+    sources: list[RewardSource] | None = Field(
+        None,
+        min_length=1,
+        description="Several sources, each scoring every sample; the reward of a sample is sum_i weight_i * "
+        "normalize_i(score_i) over them (whitening over the step's whole batch), then clip and normalize below "
+        "apply to it. Names must be unique: each source's raw mean is the metric reward/<name>_mean.",
     )
     replicas: PositiveInt = Field(
         1,
         description="Reward actors sharing each batch: it is cut into contiguous shards, one per actor, scored "
-        "concurrently and joined in order. Must be 1 with an external transport.grpc.reward_address.",
+        "(by every source) concurrently and joined in order. Must be 1 with an external "
+        "transport.grpc.reward_address.",
     )
     resources: Resources = Field(default_factory=lambda: Resources(num_cpus=0.5), description="Per-worker resources.")
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip]; unset = no clipping.")
@@ -236,6 +341,24 @@ class RewardConfig(Section):
         "backoff for up to this long per call (long enough for a server restart); past it the run stops at the "
         "step boundary with a checkpoint.",
     )
+
+    @model_validator(mode="after")
+    def _one_way_and_unique_names(self) -> RewardConfig:
+        if self.source is None and self.sources is None:
+            raise _FieldError("reward.source", "required: give reward.source (one) or reward.sources (several)")
+        if self.source is not None and self.sources is not None:
+            raise _FieldError("reward.sources", "set together with reward.source: give one of the two")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(reward_sources(self)):
+            name = source_name(source)
+            if name in seen:
+                raise _FieldError(
+                    f"reward.sources[{i}].name",
+                    f"{name!r} is the name of reward.sources[{seen[name]}] too: names key the metrics, give each "
+                    "source its own name",
+                )
+            seen[name] = i
+        return self
 
 
 # --------------------------------------------------------------------------- reference
@@ -592,16 +715,20 @@ class GrpcConfig(Section):
                     f"{name} {host!r} is not a loopback address, so the servers need auth and TLS, but "
                     f"{' and '.join(missing)} is off: turn it on, bind 127.0.0.1, or set allow_insecure: true"
                 )
-        client_tls = self.tls_ca or self.tls_cert or self.tls_client_cert
-        if self.reward_address is not None and self.auth and not client_tls:
-            host = self.reward_address.rsplit(":", 1)[0]
-            if not _is_loopback(host):
-                raise ValueError(
-                    f"reward_address {self.reward_address!r} is not a loopback address and TLS is off, so the bearer "
-                    "token would cross the network in clear text: set tls_ca (the CA of the server's certificate), "
-                    "or allow_insecure: true"
-                )
+        if self.reward_address is not None and self.token_in_clear_text(self.reward_address):
+            raise ValueError(
+                f"reward_address {self.reward_address!r} is not a loopback address and TLS is off, so the bearer "
+                "token would cross the network in clear text: set tls_ca (the CA of the server's certificate), "
+                "or allow_insecure: true"
+            )
         return self
+
+    def token_in_clear_text(self, address: str) -> bool:
+        """Whether this config's clients would send their bearer token to `address` (host:port) without TLS
+        over a network: auth on, no client TLS setting, a non-loopback host, and no allow_insecure."""
+        client_tls = self.tls_ca or self.tls_cert or self.tls_client_cert
+        host = address.rsplit(":", 1)[0]
+        return self.auth and not client_tls and not self.allow_insecure and not _is_loopback(host)
 
 
 def _is_loopback(host: str) -> bool:
@@ -750,7 +877,12 @@ class LoggingConfig(OutputConfig):
         ge=0,
         le=65535,
         description="Serve Prometheus /metrics from the controller on this port (0 = any free port), bound to "
-        "transport.grpc.host; unset = off.",
+        "logging.metrics_host; unset = off.",
+    )
+    metrics_host: str | None = Field(
+        None,
+        description="Address the controller's /metrics binds (0.0.0.0: every interface, for a scraper in the "
+        "cluster); unset = transport.grpc.host. /metrics has no auth: it carries numbers, no weights or data.",
     )
     eval_every: int = Field(
         0,
@@ -841,6 +973,66 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _reward_servers(self) -> RunConfig:
+        """An external reward server (transport.grpc.reward_address) is the whole reward; a reward server
+        among reward.sources is called with transport.grpc's token and TLS."""
+        grpc_cfg = self.transport.grpc
+        if grpc_cfg.reward_address is not None and self.reward.sources is not None:
+            raise _FieldError(
+                "reward.sources",
+                "transport.grpc.reward_address names an external server that gives the whole reward: to combine "
+                "it with other sources, list it here as {type: server, address: ...} and unset reward_address",
+            )
+        for i, source in enumerate(reward_sources(self.reward)):
+            if isinstance(source, RewardServerSource) and grpc_cfg.token_in_clear_text(source.address):
+                raise _FieldError(
+                    f"{source_path(self.reward, i)}.address",
+                    f"{source.address!r} is not a loopback address and TLS is off, so the bearer token would cross "
+                    "the network in clear text: set transport.grpc.tls_ca (the CA of the server's certificate), "
+                    "or transport.grpc.allow_insecure: true",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _lora(self) -> RunConfig:
+        """What LoRA training does not do (yet): each error names the field and model.lora."""
+        lora = self.model.lora
+        if lora is None:
+            return self
+        if lora.dropout > 0:
+            raise _FieldError(
+                "model.lora.dropout",
+                f"{lora.dropout}, but keel train turns dropout off in the learner (its training forward pass must be "
+                "the policy that sampled, and the step-0 KL exactly 0): set 0",
+            )
+        if self.learner.deepspeed.zero_stage == 3:
+            raise _FieldError(
+                "learner.deepspeed.zero_stage",
+                "3 with model.lora is not supported yet (the adapters and the frozen base are small enough for "
+                "ZeRO 0-2): use zero_stage 0, 1 or 2",
+            )
+        if self.algorithm.estimator in CRITIC_ESTIMATORS:
+            raise _FieldError(
+                "algorithm.estimator",
+                f"{self.algorithm.estimator} trains a critic, a second full copy of the model, which model.lora does "
+                "not adapt yet: use a critic-free estimator (grpo, dr_grpo, rloo, reinforce_pp, "
+                "reinforce_pp_baseline), or unset model.lora",
+            )
+        if self.reference.model is not None:
+            raise _FieldError(
+                "reference.model",
+                "with model.lora the reference is the policy with its adapter off (model.policy): unset "
+                "reference.model, or unset model.lora",
+            )
+        if self.reference.replicas != 1:
+            raise _FieldError(
+                "reference.replicas",
+                f"{self.reference.replicas}, but with model.lora the learner computes the reference log-probs (its "
+                "adapter off) and no reference actor starts: leave it at 1",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _replicas_and_heldout(self) -> RunConfig:
         """Role replicas and held-out evaluation: fields that only mean something together."""
         if self.transport.grpc.reward_address is not None and self.reward.replicas > 1:
@@ -871,6 +1063,12 @@ class BaseModelConfig(Section):
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to the model path.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the checkpoint.")
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters instead of every weight (keel sft, keel dpo); unset = off. The output "
+        "directory then holds the adapter (adapter_config.json, adapter_model.safetensors) and the merged model in "
+        "merged/.",
+    )
 
 
 class DatasetConfig(Section):
@@ -960,6 +1158,16 @@ class OfflineRun(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _lora_zero(self) -> OfflineRun:
+        if self.model.lora is not None and self.trainer.deepspeed.zero_stage == 3:
+            raise _FieldError(
+                "trainer.deepspeed.zero_stage",
+                "3 with model.lora is not supported yet (the adapters and the frozen base are small enough for "
+                "ZeRO 0-2): use zero_stage 0, 1 or 2",
+            )
+        return self
+
 
 class SFTConfig(OfflineRun):
     """`keel sft`: supervised fine-tuning, loss on response (assistant) tokens only."""
@@ -981,6 +1189,12 @@ class RewardModelConfig(OfflineRun):
     def _margin_needs_field(self) -> RewardModelConfig:
         if self.use_margin and self.data.margin_field is None:
             raise _FieldError("data.margin_field", "use_margin is on: name the field that holds each pair's margin")
+        if self.model.lora is not None:
+            raise _FieldError(
+                "model.lora",
+                "keel rm does not train LoRA adapters yet (its score head would have to train whole beside them): "
+                "unset model.lora",
+            )
         return self
 
 
@@ -1005,8 +1219,22 @@ class DPOConfig(OfflineRun):
 
     name: str = Field("dpo", min_length=1, description="Run name (prefix of the output directory).")
     data: PreferenceDataConfig = Field(description="Preference pairs.")
-    reference: str | None = Field(None, description="Frozen reference checkpoint; defaults to model.path.")
+    reference: str | None = Field(
+        None,
+        description="Frozen reference checkpoint; defaults to model.path. With model.lora the reference is model.path "
+        "itself (the policy with its adapter off): leave it unset.",
+    )
     dpo: DPOLossConfig = Field(default_factory=DPOLossConfig, description="Loss type and beta.")
+
+    @model_validator(mode="after")
+    def _lora_reference(self) -> DPOConfig:
+        if self.model.lora is not None and self.reference is not None:
+            raise _FieldError(
+                "reference",
+                "with model.lora the reference is model.path with the adapter off (no second copy): unset reference, "
+                "or unset model.lora",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -1041,6 +1269,15 @@ class EvalConfig(Section):
     )
     max_prompts: int = Field(0, ge=0, description="Evaluate only the first this many prompts; 0 = all.")
     output: str | None = Field(None, description="Where eval.json goes; default <name>-<time>/eval.json.")
+    best_of_n: int | None = Field(
+        None,
+        ge=2,
+        description="The best-of-n curve: each policy draws this many samples per prompt (sampling.n stays 1), and "
+        "for k = 1, 2, 4, ... up to it eval.json reports bon@k/reward and bon@k/task_metric (the reward and the "
+        "task metric of the highest-rewarded of each prompt's first k samples, averaged over prompts) and their "
+        "_unbiased twins (the same averaged over every k of the n samples). Needs reward, which picks; every "
+        "other metric is then over these samples too. Unset = off.",
+    )
 
     @field_validator("task_metric")
     @classmethod
@@ -1049,8 +1286,120 @@ class EvalConfig(Section):
             raise ValueError(f'must look like "package.module:function", got {v!r}')
         return v
 
+    @model_validator(mode="after")
+    def _best_of_n_samples(self) -> EvalConfig:
+        if self.best_of_n is None:
+            return self
+        if self.reward is None:
+            raise _FieldError("best_of_n", "the best of n samples is the highest-rewarded one: set reward")
+        _check_best_of_n(self.sampling, "sampling", self.best_of_n, "best_of_n")
+        return self
+
+
+def _check_best_of_n(sampling: SamplingConfig, at: str, n: int, n_field: str) -> None:
+    """Samples for best-of-n are drawn n per prompt by `n_field`, and must differ: `at` is where the
+    sampling section sits."""
+    if sampling.n != 1:
+        raise _FieldError(f"{at}.n", f"{n_field} draws {n} samples per prompt: leave {at}.n at 1 (got {sampling.n})")
+    if sampling.temperature == 0 and n > 1:
+        raise _FieldError(
+            f"{at}.temperature",
+            f"greedy sampling (temperature 0) gives one answer per prompt: {n_field} {n} needs a temperature above 0",
+        )
+
+
+# --------------------------------------------------------------------------- best-of-n
+
+
+class BestOfNConfig(Section):
+    """How `keel bon` samples and which responses it keeps."""
+
+    n: PositiveInt = Field(description="Samples per prompt, drawn as rollout.sampling says (leave its n at 1).")
+    keep: Literal["best", "threshold"] = Field(
+        "best",
+        description="best: each prompt's highest-scored response (ties: the one sampled first); threshold: every "
+        "response scored >= threshold, so a prompt keeps several or none. Blank responses are never kept (keel "
+        "sft refuses them).",
+    )
+    threshold: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="The score a response needs to be kept: required with keep threshold, and only with it.",
+    )
+    output: str | None = Field(
+        None,
+        description="The SFT dataset written, JSONL: one {prompt_id, prompt, response, score, sample, metadata} row "
+        "per kept response, which keel sft reads with its default data fields. Written whole or not at all "
+        "(a temporary file, renamed). Default runs/<name>-<time>/bon.jsonl; keel bon --out overrides.",
+    )
+    max_prompts: int = Field(0, ge=0, description="Sample only the first this many prompts; 0 = all.")
+    prompts_per_round: PositiveInt = Field(
+        64,
+        description="Prompts sampled and scored per round, split across the rollout workers (each generates its "
+        "share x n samples in one call).",
+    )
+
+
+class BonConfig(Section):
+    """`keel bon`: best-of-n (rejection) sampling into an SFT dataset, on keel train's rollout and reward roles."""
+
+    name: str = Field("bon", min_length=1, description="Run name (prefix of the default output).")
+    seed: int = Field(0, description="Sampling seed (rollout.sampling.seed wins when set).")
+    model: ModelConfig = Field(description="The policy that samples (model.policy), as in a run config.")
+    data: DataConfig = Field(description="The prompts (data.prompts) with the fields the reward needs.")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="The rollout workers and their sampling, as in a run config."
+    )
+    reward: RewardConfig = Field(description="The reward that scores every sample, as in a run config.")
+    bon: BestOfNConfig = Field(description="Samples per prompt, what is kept, where it goes.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BonConfig:
+        bon = self.bon
+        if bon.keep == "threshold" and bon.threshold is None:
+            raise _FieldError("bon.threshold", "required with bon.keep threshold: the score a response needs")
+        if bon.keep == "best" and bon.threshold is not None:
+            raise _FieldError("bon.threshold", "set, but bon.keep is best: set bon.keep: threshold, or drop it")
+        _check_best_of_n(self.rollout.sampling, "rollout.sampling", bon.n, "bon.n")
+        for name in ("eval_prompts", "eval_task_metric"):
+            if getattr(self.data, name) is not None:
+                raise _FieldError(f"data.{name}", "keel bon samples data.prompts and evaluates nothing: leave it unset")
+        try:  # the roles start as keel train starts them: its rules on these sections hold here too
+            bon_run_config(self)
+        except ValidationError as err:
+            path, _, message = validation_error_lines(err)[0].partition(": ")
+            raise _FieldError(path, message) from None
+        return self
+
 
 # --------------------------------------------------------------------------- derived values
+
+
+def eval_sampling(cfg: EvalConfig) -> SamplingConfig:
+    """How `keel eval` samples: its sampling section, best_of_n samples per prompt when set."""
+    return cfg.sampling.model_copy(update={"n": cfg.best_of_n}) if cfg.best_of_n else cfg.sampling
+
+
+def bon_sampling(cfg: BonConfig) -> SamplingConfig:
+    """How `keel bon` samples: rollout.sampling with bon.n samples per prompt."""
+    return cfg.rollout.sampling.model_copy(update={"n": cfg.bon.n})
+
+
+def bon_run_config(cfg: BonConfig) -> RunConfig:
+    """The run config `keel bon` starts its rollout and reward roles from (keel.controller starts roles
+    from a run config): its model, data, rollout and reward sections, keel train's defaults elsewhere
+    (the controller's timeouts among them). No learner or reference is started from it; prompts_per_step
+    only meets the rule of at least one prompt per rollout worker."""
+    return RunConfig(
+        name=cfg.name,
+        seed=cfg.seed,
+        model=cfg.model,
+        data=cfg.data,
+        rollout=cfg.rollout,
+        reward=cfg.reward,
+        controller=ControllerConfig(prompts_per_step=16 * cfg.rollout.replicas),
+        logging=LoggingConfig(trackers=[]),
+    )
 
 
 def rollout_batch_size(cfg: RunConfig) -> int:
@@ -1075,6 +1424,12 @@ def reference_path(cfg: RunConfig) -> str:
     return cfg.reference.model or cfg.model.policy
 
 
+def reference_on_learner(cfg: RunConfig) -> bool:
+    """Whether the learner computes the reference log-probs (the policy with its LoRA adapter off)
+    instead of reference actors holding a copy of the model."""
+    return cfg.reference.enabled and cfg.model.lora is not None
+
+
 def tokenizer_path(cfg: RunConfig) -> str:
     return cfg.model.tokenizer or cfg.model.policy
 
@@ -1088,6 +1443,25 @@ def rollout_dtype(model: ModelConfig, rollout: RolloutConfig) -> str:
     bfloat16 for a vLLM rollout under precision mixed (the HF rollout keeps float32 weights and
     autocasts, as the learner does)."""
     return "bfloat16" if model.precision == "mixed" and rollout.backend == "vllm" else model.dtype
+
+
+def reward_sources(reward: RewardConfig) -> list[RewardModelSource | RewardFunctionSource | RewardServerSource]:
+    """The sources the reward combines, in order: reward.sources, or reward.source as the one entry."""
+    return list(reward.sources) if reward.sources is not None else [reward.source]
+
+
+def source_name(source: RewardSourceBase) -> str:
+    """A source's name: its own, or the function's name, or model, or server."""
+    if source.name is not None:
+        return source.name
+    if isinstance(source, RewardFunctionSource):
+        return source.function.rpartition(":")[2]
+    return source.type
+
+
+def source_path(reward: RewardConfig, index: int) -> str:
+    """Where source `index` sits in the config, for errors: reward.source or reward.sources[i]."""
+    return "reward.source" if reward.sources is None else f"reward.sources[{index}]"
 
 
 def max_model_len(cfg: RunConfig) -> int:
@@ -1121,7 +1495,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for i, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("model", "function") and i > 0 and loc[i - 1] == "source":
+        elif item in SOURCE_TYPES and i > 0 and (loc[i - 1] == "source" or loc[i - 2 : i - 1] == ("sources",)):
             continue  # pydantic's discriminated-union tag: not part of the user's path
         else:
             parts.append(("." if parts else "") + str(item))
@@ -1166,6 +1540,7 @@ CONFIG_KINDS: dict[str, type[Section]] = {
     "rm": RewardModelConfig,
     "dpo": DPOConfig,
     "eval": EvalConfig,
+    "bon": BonConfig,
 }
 
 

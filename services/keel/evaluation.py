@@ -8,7 +8,11 @@ For each checkpoint, on the same prompts with the same sampling:
 - task_metric: the mean of a per-sample 0/1 function (exact match on the demo task);
 - win_rate: a judge reward model compares each answer with the reference policy's answer to the
   same prompt (sample j against sample j): a win counts 1, a tie (equal scores) 0.5, a loss 0.
-  wins, ties and losses are reported too.
+  wins, ties and losses are reported too;
+- with best_of_n, the best-of-k curve of the same samples (best_of_n per prompt), for k = 1, 2,
+  4, ... up to it: bon@k/reward and bon@k/task_metric, the reward and the task metric of the
+  highest-rewarded of each prompt's first k samples, and their _unbiased twins over every k of
+  the n samples (`keel.bon.best_of_k_curve`), printed as a table.
 
 Everything runs in this process (HF generate by default; vLLM with backend: vllm).
 """
@@ -22,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from keel.bon import best_of_k_curve, format_curve
 from keel.config import (
     EvalConfig,
     ModelConfig,
     RewardConfig,
     RewardModelSource,
     RolloutConfig,
+    eval_sampling,
 )
 from keel.telemetry.console import NO_PROGRESS
 from keel.trajectory import Trajectories
@@ -40,7 +46,7 @@ def _generate(cfg: EvalConfig, path: str, prompts, max_len: int) -> Trajectories
 
     worker = RolloutWorker(
         ModelConfig(policy=path, tokenizer=cfg.reference, max_prompt_tokens=cfg.max_prompt_tokens),
-        RolloutConfig(backend=cfg.backend, sampling=cfg.sampling),
+        RolloutConfig(backend=cfg.backend, sampling=eval_sampling(cfg)),
         max_len,
         cfg.seed,
         worker_id="eval",
@@ -93,6 +99,9 @@ def evaluate(cfg: EvalConfig, log=print, progress=NO_PROGRESS) -> dict:
             row = _evaluate_one(cfg, ck, chosen, max_len, reference, reward, task, judge, baseline)
             results.append(row)
             log(format_row(row))
+            if cfg.best_of_n:
+                for line in format_curve(row, cfg.best_of_n):
+                    log(f"  {line}")
             bar.advance()
     return {
         "name": cfg.name,
@@ -103,6 +112,7 @@ def evaluate(cfg: EvalConfig, log=print, progress=NO_PROGRESS) -> dict:
         "sampling": cfg.sampling.model_dump(),
         "task_metric": cfg.task_metric,
         "judge": cfg.judge,
+        **({"best_of_n": cfg.best_of_n} if cfg.best_of_n else {}),
         "checkpoints": results,
     }
 
@@ -120,11 +130,15 @@ def _evaluate_one(cfg: EvalConfig, ck, chosen, max_len: int, reference, reward, 
         "kl": log_ratio.sum(-1).mean().item(),
         "response_length": mask.sum(-1).mean().item(),
     }
+    scores = values = None
     if reward is not None:
-        row["reward_mean"] = reward.score_trajectories(traj).mean().item()
+        scores = reward.score_trajectories(traj)
+        row["reward_mean"] = scores.mean().item()
     if task is not None:
-        values = task(traj.prompts, traj.responses, traj.metadata)
-        row["task_metric"] = sum(float(v) for v in values) / len(values)
+        values = [float(v) for v in task(traj.prompts, traj.responses, traj.metadata)]
+        row["task_metric"] = sum(values) / len(values)
+    if cfg.best_of_n:
+        row |= best_of_k_curve(traj, scores, values, cfg.best_of_n)
     if judge is not None:
         wins, ties, losses = win_tie_loss(judge.score_trajectories(traj), baseline)
         row |= {"win_rate": (wins + 0.5 * ties) / len(traj), "wins": wins, "ties": ties, "losses": losses}

@@ -25,6 +25,8 @@ from deploy.conftest import (
 VALUES = [None, *CI_VALUES]
 IDS = ["defaults", *(p.stem for p in CI_VALUES)]
 RAY_KINDS = ("RayJob", "RayCluster")
+SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")  # a CRD: checked by test_metrics
+METRICS_VALUES = CHART / "ci" / "metrics-values.yaml"
 LABELS = ("name", "instance", "version", "component", "managed-by", "part-of")
 
 
@@ -74,7 +76,7 @@ def test_helm_lint(helm, values):
 @pytest.mark.parametrize("values", VALUES, ids=IDS)
 def test_core_objects_match_kubernetes_schemas(render, values):
     for obj in render(values):
-        if obj["kind"] in RAY_KINDS:
+        if obj["kind"] in RAY_KINDS or (obj["apiVersion"], obj["kind"]) == SERVICE_MONITOR:
             continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -294,6 +296,121 @@ def test_reward_server(render):
     assert "reward" not in groups
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions; {} = everything) matches `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(objs, pod_labels: dict, port: int) -> list[dict]:
+    """The `from` peers of every NetworkPolicy rule that lets traffic into pods with `pod_labels` on
+    `port` (a rule without ports covers them all; a rule without from admits everyone: None),
+    in a stable order."""
+    peers = []
+    for pol in (o for o in objs if o["kind"] == "NetworkPolicy"):
+        if not selects(pol["spec"]["podSelector"], pod_labels):
+            continue
+        for rule in pol["spec"].get("ingress", []):
+            if "ports" not in rule or any(p["port"] == port for p in rule["ports"]):
+                peers += rule.get("from", [None])
+    return sorted(peers, key=json.dumps)
+
+
+def test_metrics_off_by_default(render):
+    objs = render(None)
+    assert "metrics_port" not in train_config(objs).get("logging", {})
+    head = cluster_spec(one(objs, "RayJob"))["headGroupSpec"]["template"]["spec"]
+    assert [p["name"] for p in head["containers"][0]["ports"]] == ["gcs-server", "dashboard", "client"]
+    assert not [o for o in objs if o["kind"] == "ServiceMonitor" or o["metadata"]["name"].endswith("-metrics")]
+
+
+@pytest.mark.parametrize("mode", ["job", "cluster"])
+def test_metrics(helm, mode):
+    """metrics-values.yaml: the controller serves /metrics on 0.0.0.0:9500 in the head pod, the
+    reward server on 9500 beside its gRPC port; a Service each (port `metrics`) selects those pods,
+    the ServiceMonitor selects both Services, and only metrics.allowFrom is admitted to the port."""
+    out = template(helm, METRICS_VALUES, sets=(f"mode={mode}",))
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    port = 9500
+
+    logging = train_config(objs)["logging"]
+    assert (logging["metrics_port"], logging["metrics_host"]) == (port, "0.0.0.0")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and "reward-server.yaml" in o["data"])
+    assert yaml.safe_load(cm["data"]["reward-server.yaml"])["metrics_port"] == port
+
+    # the pods serving /metrics, by the labels of their templates
+    ray = one(objs, "RayJob" if mode == "job" else "RayCluster")
+    head = cluster_spec(ray)["headGroupSpec"]["template"]
+    reward = one(objs, "Deployment")["spec"]["template"]
+    workers = [g["template"]["metadata"]["labels"] for g in cluster_spec(ray)["workerGroupSpecs"]]
+    # KubeRay names Ray's own exporter port (8080) `metrics`, and adds it unless a port has the name
+    assert "metrics" not in [p["name"] for p in head["spec"]["containers"][0]["ports"]]
+
+    # each metrics Service selects its pod (and no worker) and targets a named port at metrics.port
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    expected = {"ppo-keel-metrics": head, "ppo-keel-reward-metrics": reward}
+    for name, tmpl in expected.items():
+        svc = services[name]["spec"]
+        assert svc["type"] == "ClusterIP", name
+        assert selects({"matchLabels": svc["selector"]}, tmpl["metadata"]["labels"]), name
+        assert not any(selects({"matchLabels": svc["selector"]}, w) for w in workers), name
+        (svc_port,) = svc["ports"]
+        assert (svc_port["name"], svc_port["port"]) == ("metrics", port), name
+        (c,) = tmpl["spec"]["containers"]
+        target = next(p for p in c["ports"] if p["name"] == svc_port["targetPort"])
+        assert (target["containerPort"], target["protocol"]) == (port, "TCP"), name
+    assert [p["name"] for p in services["ppo-keel-reward"]["spec"]["ports"]] == ["grpc"]
+
+    (monitor,) = [o for o in objs if (o["apiVersion"], o["kind"]) == SERVICE_MONITOR]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack", "metrics.serviceMonitor.labels"
+    assert set(monitor["spec"]) == {"selector", "endpoints"}
+    picked = {n for n, s in services.items() if selects(monitor["spec"]["selector"], s["metadata"]["labels"])}
+    assert picked == set(expected)
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}
+    ]
+    for name in expected:  # the endpoint's port is a port name of each Service
+        assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in services[name]["spec"]["ports"]], name
+
+    allow_from = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    release = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "keel", "app.kubernetes.io/instance": "ppo"}}}
+    assert admitted(objs, head["metadata"]["labels"], port) == sorted([release, allow_from], key=json.dumps)
+    assert admitted(objs, reward["metadata"]["labels"], port) == [allow_from]
+    for labels in workers:
+        assert allow_from not in admitted(objs, labels, port), "only the head serves /metrics"
+
+    # allowFrom both {}: no scraper is admitted (port-forward still reaches the port)
+    out = template(
+        helm, METRICS_VALUES, sets=("metrics.allowFrom.namespaceLabels=null", "metrics.allowFrom.podLabels=null")
+    )
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert admitted(objs, head["metadata"]["labels"], port) == [release]
+    assert admitted(objs, reward["metadata"]["labels"], port) == []
+
+
+def test_metrics_host_may_be_ipv6_any(helm):
+    out = template(helm, sets=("metrics.enabled=true", "config.logging.metrics_host=::"))
+    assert out.returncode == 0, out.stderr
+    cm = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ConfigMap")
+    assert yaml.safe_load(cm["data"]["config.yaml"])["logging"] == {"metrics_host": "::", "metrics_port": 9400}
+
+
 BAD_VALUES = [
     (("workerGroups.rollout.replicas=two",), "/workerGroups/rollout/replicas", "want integer"),
     (("workerGroups.rollout.replica=2",), "/workerGroups/rollout", "'replica' not allowed"),
@@ -317,6 +434,22 @@ BAD_VALUES = [
     (("workerGroups.reward.enabled=false",), "config.reward.resources.custom.reward", "no enabled worker group"),
     (("workerGroups.rollout.rayStartParams.resources=x",), "/workerGroups/rollout/rayStartParams/resources", ""),
     (("config=name: [unclosed",), "config: not valid YAML", ""),
+    (("metrics.serviceMonitor.enabled=true",), "metrics.serviceMonitor.enabled", "metrics.enabled is false"),
+    (("metrics.port=80",), "/metrics/port", "minimum"),
+    (("metrics.serviceMonitor.interval=30 s",), "/metrics/serviceMonitor/interval", "does not match pattern"),
+    (("metrics.enabled=true", "metrics.port=8265"), "metrics.port", "the Ray dashboard port"),
+    (("metrics.enabled=true", "rewardServer.enabled=true", "metrics.port=50051"), "metrics.port", "rewardServer.port"),
+    (
+        ("metrics.enabled=true", "config.logging.metrics_port=9500"),
+        "config.logging.metrics_port",
+        "differs from metrics.port (9400)",
+    ),
+    (("metrics.enabled=true", "config.logging.metrics_host=127.0.0.1"), "config.logging.metrics_host", "not reachable"),
+    (
+        ("metrics.enabled=true", "rewardServer.enabled=true", "rewardServer.config.metrics_port=9100"),
+        "rewardServer.config.metrics_port",
+        "differs from metrics.port (9400)",
+    ),
 ]
 
 

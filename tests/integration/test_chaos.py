@@ -82,6 +82,12 @@ def test_a_run_survives_killed_workers_and_a_reward_server_restart(demo_inputs, 
     assert [m["step"] for m in steps] == list(range(STEPS))
     assert len(kills) >= len(KILL_AFTER_STEPS) - 1 and steps[-1]["rollout/restarts"] == len(kills), kills
     assert steps[-1]["reward/outage_s"] > 1.0 and len(servers) == 2
+    # each kill counted once as a lost rollout worker (or, killed before it answered the weight
+    # update's deadline, a timeout); the outage as failed tries
+    errors = steps[-1]
+    assert errors.get("errors/rollout/lost", 0) + errors.get("errors/rollout/timeout", 0) == len(kills), errors
+    assert errors["errors/reward/unavailable"] >= 1
+    assert sorted(errors["rollout/weight_versions"].values()) == [STEPS, STEPS]  # both serve the last version
     # every prompt exactly once per epoch (16 steps of 32 prompts make an epoch of 512)
     per_epoch = EPOCH // PROMPTS
     for start in range(0, STEPS, per_epoch):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,14 @@ def test_scale_a_running_job_then_stop_it(cluster, demo_inputs, tmp_path):
         assert scaled.returncode == 0, scaled.stdout[-2000:] + scaled.stderr[-2000:]
         assert f"job {job}: 2 rollout workers" in scaled.stdout
         assert "rollout workers: 1 -> 2" in keel("logs", job, "--address", address, env=env).stdout
+        # keel status JOB: the run's own status, from its controller: both workers, each with its weight version
+        deadline = time.monotonic() + 120
+        while "rollout  2 workers" not in (live := keel("status", job, "--address", address, env=env)).stdout:
+            assert time.monotonic() < deadline, live.stdout[-2000:] + live.stderr[-2000:]
+            time.sleep(2)
+        lines = live.stdout.splitlines()
+        assert lines[0].startswith(f"{job}: RUNNING") and lines[1].startswith("jobtest: running, step "), live.stdout
+        assert re.search(r"rollout  2 workers: rollout-0 v(\d+), rollout-1 v\1\n", live.stdout), live.stdout
         # a request the job refuses comes back as an error, and the job keeps running
         refused = keel("scale", "rollout", "40", "--job", job, "--address", address, "--timeout", "60", env=env)
         assert refused.returncode == 1 and "rollout workers must be in [1, 16], got 40" in refused.stderr

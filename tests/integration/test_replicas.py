@@ -1,6 +1,7 @@
 """reward.replicas and reference.replicas on real Ray actors: two actors sharing a batch give what
 one gives, and each of them scores its shard. Over the object store (RewardModel actors) and over
-gRPC (RewardServerRole actors, a RewardClient each), and for the reference log-probs."""
+gRPC (RewardServerRole actors, a RewardClient each), and for the reference log-probs. The reward
+actors score two sources and return each one's raw scores, (B, 2), joined in batch order."""
 
 from __future__ import annotations
 
@@ -43,11 +44,22 @@ def batch(tiny_model_dir):
     return traj
 
 
+# two sources: each actor returns both columns of its shard, raw (the controller combines)
+REWARD = RewardConfig(
+    sources=[
+        RewardFunctionSource(function="keel.reward.rules:arithmetic"),
+        RewardFunctionSource(function="keel.reward.rules:length_penalty", weight=-2.0, normalize="whiten"),
+    ]
+)
+
+
 def _answered(traj):
     """The batch with responses that score 1 (right sum), 0.1 (a wrong number), 0 (no number) in
-    turn, so shards joined out of order would show."""
+    turn, and lengths 1-2, 2 and 2 characters (-1/8 or -2/8 by length), so shards joined out of
+    order would show; and the (B, 2) raw scores of the two sources."""
     responses = [[m["answer"], "99", "no"][i % 3] for i, m in enumerate(traj.metadata)]
-    return traj.with_fields(responses=responses), torch.tensor([[1.0, 0.1, 0.0][i % 3] for i in range(len(traj))])
+    expected = [[[1.0, 0.1, 0.0][i % 3], -len(r) / 8] for i, r in enumerate(responses)]
+    return traj.with_fields(responses=responses), torch.tensor(expected)
 
 
 def _counts(actors) -> list[int]:
@@ -65,8 +77,7 @@ def _scored_alone_then_shared(make_channel, actors, traj):
 def test_two_reward_actors_score_like_one(ray_session, batch):
     from keel.reward.model import RewardModel
 
-    reward = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"))
-    actors = [remote(RewardModel, SMALL).remote(reward) for _ in range(2)]
+    actors = [remote(RewardModel, SMALL).remote(REWARD) for _ in range(2)]
     traj, expected = _answered(batch)
     try:
         alone, shared, work = _scored_alone_then_shared(
@@ -83,14 +94,13 @@ def test_two_reward_servers_score_like_one(ray_session, batch):
     from keel.reward.client import RewardClient
     from keel.reward.server import RewardServerRole
 
-    reward = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"))
     grpc_cfg = GrpcConfig(auth=False)
-    actors = [remote(RewardServerRole, SMALL).remote(reward, grpc_cfg, 16) for _ in range(2)]
+    actors = [remote(RewardServerRole, SMALL).remote(REWARD, grpc_cfg, 16) for _ in range(2)]
     channels = {}
 
     def channel(subset):
         clients = [RewardClient(grpc_cfg, ray.get(a.address.remote())) for a in subset]
-        reward_channel = GrpcReward(clients, reward, subset)
+        reward_channel = GrpcReward(clients, REWARD, subset)
         channels[len(subset)] = reward_channel
         return reward_channel
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 import yaml
 
-from keel.config import GrpcConfig, RewardConfig, RewardFunctionSource
+from keel.config import GrpcConfig, RewardConfig, RewardFunctionSource, RewardServerSource
 from keel.controller.actors import free_port
 from keel.reward.client import RewardClient, RewardUnavailable
 from keel.reward.model import RewardError
@@ -199,6 +200,48 @@ def test_aio_server_demands_the_token_and_bounds_message_size(server, monkeypatc
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert RewardClient(GrpcConfig(), address).score(["p"], ["abcd"]).tolist() == [4.0]
+
+
+# --------------------------------------------------------------------------- several sources
+
+
+def test_a_server_with_several_sources_sends_each_ones_raw_scores_and_their_combination(server):
+    """A server's scores are its sources combined over each request; the reply also holds each
+    source's raw scores, which a job's own servers send so that the job combines over its batch."""
+    sources = [
+        RewardFunctionSource(function="slow_reward:length", name="chars", weight=0.5),
+        RewardFunctionSource(function="keel.reward.rules:length_penalty", normalize="whiten"),
+    ]
+    running = server(RewardServerConfig(reward=RewardConfig(sources=sources), grpc=GrpcConfig(auth=False), port=0))
+    client = RewardClient(GrpcConfig(auth=False), f"127.0.0.1:{running.port}")
+    responses = ["ab", "abcd", "abcdef"]
+    raw = client.score_sources(["p"] * 3, responses)
+    assert raw.tolist() == [[2.0, -0.25], [4.0, -0.5], [6.0, -0.75]]
+    whitened = (raw[:, 1] - raw[:, 1].mean()) / raw[:, 1].std(correction=0)
+    torch.testing.assert_close(client.score(["p"] * 3, responses), 0.5 * raw[:, 0] + whitened)
+    assert client.scorer == "chars + length_penalty"
+
+
+def test_a_server_source_is_scored_beside_the_others(server):
+    """{type: server}: the job's reward calls a remote `keel serve reward` (with transport.grpc's
+    token settings) for one of its sources; a server that is not there fails the start."""
+    from keel.reward.model import RewardModel
+
+    running = server(_server_cfg())  # slow_reward:length: one point per character
+    reward = RewardConfig(
+        sources=[
+            RewardFunctionSource(function="keel.reward.rules:arithmetic"),
+            RewardServerSource(address=f"127.0.0.1:{running.port}", name="remote", weight=-0.1),
+        ]
+    )
+    model = RewardModel(reward, GrpcConfig(auth=False))
+    prompts, responses, metadata = ["1+1="] * 3, ["2", "3", "2 and more"], [{"answer": "2"}] * 3
+    raw = model.score_sources(prompts, responses, metadata)
+    torch.testing.assert_close(raw, torch.tensor([[1.0, 1.0], [0.1, 1.0], [1.0, 10.0]]))
+    torch.testing.assert_close(model.score(prompts, responses, metadata), torch.tensor([0.9, 0.0, 0.0]))
+    dead = RewardConfig(sources=[RewardServerSource(address=f"127.0.0.1:{free_port()}")])
+    with pytest.raises(RewardUnavailable, match="UNAVAILABLE"):
+        RewardModel(dead, GrpcConfig(auth=False, retries=1, deadline_s=1.0))
 
 
 # --------------------------------------------------------------------------- hostile callers

@@ -111,6 +111,9 @@ def test_reference_killed_mid_call_and_reward_hung_are_started_again(demo_inputs
     assert killed and [m["step"] for m in steps] == [0, 1, 2, 3]
     assert [m["reference/restarts"] for m in steps] == [0.0, 1.0, 1.0, 1.0]
     assert [m["reward/restarts"] for m in steps] == [0.0, 0.0, 1.0, 1.0]
+    # the errors by role and kind: one reference lost in step 1, one reward call past its deadline in step 2
+    assert [m.get("errors/reference/lost", 0.0) for m in steps] == [0.0, 1.0, 1.0, 1.0]
+    assert [m.get("errors/reward/timeout", 0.0) for m in steps] == [0.0, 0.0, 1.0, 1.0]
     # the hang was noticed at the deadline, not an hour later
     assert 8.0 <= steps[2]["time/score"] < 8.0 + 90.0, steps[2]["time/score"]
     # nothing went missing: every sample of every step has a reference log-prob and a score
@@ -216,6 +219,8 @@ def test_a_learner_rank_killed_mid_run_restarts_every_role_from_the_checkpoint(d
     # metrics continue from the checkpoint's step: every step once, the later ones after the restart
     assert [m["step"] for m in lines] == [0, 1, 2, 3, 4]
     assert [m["run/restarts"] for m in lines][:2] == [0.0, 0.0] and lines[-1]["run/restarts"] == 1.0
+    # the lost rank counted once, by role and kind, and still counted after the restart
+    assert "errors/learner/lost" not in lines[1] and lines[-1]["errors/learner/lost"] == 1.0
     assert last.version == 5
     state = json.loads((sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
     assert state["finished"] and state["step"] == 5

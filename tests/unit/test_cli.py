@@ -31,6 +31,7 @@ def test_help_lists_commands():
         "rm",
         "dpo",
         "eval",
+        "bon",
         "demo",
         "serve",
     ):
@@ -335,3 +336,101 @@ def test_a_tracker_that_is_not_installed_stops_the_command_before_anything_start
         "installed (pip install wandb)"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_bon_refuses_a_bad_field_or_a_missing_file_before_anything_starts(tmp_path):
+    """Exit 2 with one line per problem naming the field, and no Ray, no dataset, no run directory."""
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "prompts.jsonl").write_text("")
+    cfg = {
+        "model": {"policy": str(tmp_path / "policy")},
+        "data": {"prompts": str(tmp_path / "prompts.jsonl")},
+        "reward": {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}},
+        "bon": {"n": 8, "keep": "threshold"},
+    }
+    path = _yaml(tmp_path / "bon.yaml", cfg)
+    out = run("bon", "--config", path, "--out", str(tmp_path / "bon.jsonl"), cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"keel: config error: {path}: bon.threshold: required with bon.keep threshold: the score a response needs"
+    ]
+    cfg["bon"] = {"n": 8, "keep": "threshold", "threshold": 0.5}
+    cfg["model"]["policy"] = str(tmp_path / "nope")
+    cfg["reward"]["source"]["function"] = "no_mod:f"
+    path = _yaml(tmp_path / "bon.yaml", cfg)
+    out = run("bon", "--config", path, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"keel: config error: {path}: model.policy: {tmp_path / 'nope'} does not exist"
+    assert "reward.source.function: cannot import module 'no_mod'" in lines[1] and len(lines) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bon.yaml", "policy", "prompts.jsonl"]
+    out = run("config", "validate", "--kind", "bon", "deploy/configs/bon.yaml")
+    assert out.returncode == 0 and "best of 8 from runs/demo/sft, keep best" in out.stdout
+
+
+def test_bon_writes_a_dataset_keel_sft_reads(demo_inputs, tmp_path):
+    """keel bon on a local Ray of its own (a smoke run: 4 prompts x 2 samples), then keel sft on its output."""
+    import os
+
+    policy, prompts = demo_inputs
+    bon = {
+        "model": {"policy": str(policy), "max_prompt_tokens": 16},
+        "data": {"prompts": str(prompts), "metadata_fields": ["answer"]},
+        "rollout": {"backend": "hf", "resources": {"num_cpus": 0.25}, "sampling": {"max_new_tokens": 4}},
+        "reward": {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}},
+        "bon": {"n": 2, "keep": "threshold", "threshold": 0.0, "max_prompts": 4},
+    }
+    path = _yaml(tmp_path / "bon.yaml", bon)
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray of its own
+    out = subprocess.run(
+        [KEEL, "bon", "--config", path, "--out", str(tmp_path / "bon.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 prompts x 2 samples = 8 scored" in out.stdout and f"wrote {tmp_path / 'bon.jsonl'}" in out.stdout
+    rows = [json.loads(line) for line in (tmp_path / "bon.jsonl").read_text().splitlines()]
+    assert 0 < len(rows) <= 8 and {r["prompt_id"] for r in rows} <= {"0", "1", "2", "3"}
+    sft = {
+        "model": {"path": str(policy)},
+        "data": {"path": str(tmp_path / "bon.jsonl"), "max_tokens": 16},
+        "trainer": {"micro_batch_size": 1},
+        "train": {"batch_size": 1, "max_steps": 1},
+        "logging": {"trackers": []},
+    }
+    out = run("sft", "--config", _yaml(tmp_path / "sft.yaml", sft), "--out", str(tmp_path / "sft"))
+    assert out.returncode == 0, out.stderr
+    assert f"wrote sft model to {tmp_path / 'sft'}" in out.stdout
+
+
+def test_sft_and_dpo_commands_train_lora_adapters(demo_inputs, tmp_path):
+    """keel sft, then keel dpo on its merged model, each with model.lora: both write the adapter and
+    the merged model; a LoRA config keel does not support stops before anything starts."""
+    from keel.data.tasks import arithmetic_preference_rows, arithmetic_sft_rows, write_jsonl
+
+    policy, _ = demo_inputs
+    sft_rows = write_jsonl(arithmetic_sft_rows(64, seed=1), tmp_path / "sft.jsonl")
+    pairs = write_jsonl(arithmetic_preference_rows(64, seed=2), tmp_path / "pairs.jsonl")
+    common = {"trainer": {"micro_batch_size": 32}, "train": {"epochs": 1, "batch_size": 32}}
+    lora = {"rank": 4, "alpha": 8}
+    sft = _yaml(
+        tmp_path / "sft.yaml", {"model": {"path": str(policy), "lora": lora}, "data": {"path": str(sft_rows)}, **common}
+    )
+    out = run("sft", "--config", sft, "--out", str(tmp_path / "sft"))
+    assert out.returncode == 0, out.stderr
+    assert (
+        f"wrote sft LoRA adapter to {tmp_path / 'sft'} and the merged model to {tmp_path / 'sft' / 'merged'}"
+        in out.stdout
+    )
+    model = {"path": str(tmp_path / "sft" / "merged"), "lora": lora}
+    dpo = _yaml(tmp_path / "dpo.yaml", {"model": model, "data": {"path": str(pairs)}, **common})
+    out = run("dpo", "--config", dpo, "--out", str(tmp_path / "dpo"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").exists() and (tmp_path / "dpo" / "merged").is_dir()
+    bad = _yaml(
+        tmp_path / "bad.yaml", {"model": model, "data": {"path": str(pairs)}, "reference": str(policy), **common}
+    )
+    out = run("dpo", "--config", bad, "--out", str(tmp_path / "bad"))
+    assert out.returncode == 2 and "reference: with model.lora the reference is model.path" in out.stderr

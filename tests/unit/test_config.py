@@ -244,7 +244,7 @@ def test_config_validate_imports_no_torch():
     code = (
         "import sys\n"
         "from keel.cli import main\n"
-        f"rc = main(['config', 'validate', {str(EXAMPLES[0])!r}])\n"
+        f"rc = main(['config', 'validate', {str(ROOT / 'deploy' / 'configs' / 'demo.yaml')!r}])\n"
         "assert rc == 0, rc\n"
         "heavy = sorted(m for m in ('torch', 'ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -334,6 +334,94 @@ def test_replicas_and_held_out_evaluation_rules(overrides, expected):
         return
     lines = _errors(data)
     assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+# --------------------------------------------------------------------------- several rewards (reward.sources)
+
+_CORRECT = {"type": "function", "function": "keel.reward.rules:arithmetic"}
+_LENGTH = {"type": "function", "function": "keel.reward.rules:length_penalty", "weight": 0.5}
+
+
+def _sources(*sources, **reward):
+    return _with(reward={"sources": list(sources), **reward})
+
+
+def test_several_sources_load_with_names_weights_and_normalisation():
+    from keel.config import reward_sources, source_name
+
+    server = {"type": "server", "address": "127.0.0.1:50051", "name": "judge", "normalize": "whiten"}
+    cfg = parse_config(_sources(_CORRECT, {**_LENGTH, "normalize": "clip", "clip": 0.5}, server))
+    sources = reward_sources(cfg.reward)
+    assert [source_name(s) for s in sources] == ["arithmetic", "length_penalty", "judge"]
+    assert [(s.weight, s.normalize, s.clip) for s in sources] == [
+        (1.0, "none", None),
+        (0.5, "clip", 0.5),
+        (1.0, "whiten", None),
+    ]
+    assert cfg.reward.source is None
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg  # the run directory's snapshot loads again
+    one = parse_config(MINIMAL).reward  # a single source is the one-element case
+    assert [source_name(s) for s in reward_sources(one)] == ["arithmetic"]
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (_with(reward={}), "reward.source: required: give reward.source (one) or reward.sources (several)"),
+        (
+            _with(**{"reward.sources": [_LENGTH]}),
+            "reward.sources: set together with reward.source: give one of the two",
+        ),
+        (_sources(), "reward.sources: List should have at least 1 item"),
+        (_sources(_CORRECT, {**_LENGTH, "weight": "inf"}), "reward.sources[1].weight: Input should be a finite number"),
+        (_sources(_CORRECT, {**_LENGTH, "weight": float("nan")}), "reward.sources[1].weight: Input should be a finite"),
+        (
+            _sources(_CORRECT, {**_CORRECT, "weight": 2.0}),
+            "reward.sources[1].name: 'arithmetic' is the name of reward.sources[0] too: names key the metrics",
+        ),
+        (
+            _sources({**_CORRECT, "name": "x"}, {**_LENGTH, "name": "x"}),
+            "reward.sources[1].name: 'x' is the name of reward.sources[0] too",
+        ),
+        (_sources({**_LENGTH, "name": "len gth"}), "reward.sources[0].name: must start with a letter"),
+        (
+            _sources({**_LENGTH, "normalize": "zscore"}),
+            "reward.sources[0].normalize: Input should be 'none', 'whiten' or 'clip' (got 'zscore')",
+        ),
+        (_sources({**_LENGTH, "normalize": "clip"}), "reward.sources[0]: normalize: clip needs a bound"),
+        (_sources({**_LENGTH, "clip": 1.0}), "reward.sources[0]: clip is set but normalize is none"),
+        (
+            _sources({**_LENGTH, "normalize": "clip", "clip": 0}),
+            "reward.sources[0].clip: Input should be greater than 0",
+        ),
+        (_sources({**_CORRECT, "function": "nocolon"}), 'reward.sources[0].function: must look like "package.module'),
+        (_sources({"type": "server"}), "reward.sources[0].address: required field missing"),
+        (_sources({"type": "server", "address": "rm"}), "reward.sources[0].address: must look like host:port"),
+        (_sources({"type": "magic"}), "reward.sources[0]: Input tag 'magic' found using 'type' does not match"),
+        (
+            _sources(_CORRECT, {"type": "server", "address": "rm.keel.svc:50051"}),
+            "reward.sources[1].address: 'rm.keel.svc:50051' is not a loopback address and TLS is off, so the bearer "
+            "token would cross the network in clear text",
+        ),
+        (
+            {
+                **_sources(_CORRECT),
+                "transport": {"reward": "grpc", "grpc": {"reward_address": "127.0.0.1:50051"}},
+            },
+            "reward.sources: transport.grpc.reward_address names an external server that gives the whole reward",
+        ),
+    ],
+)
+def test_bad_sources_are_named(data, expected):
+    lines = _errors(data)
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_a_remote_server_source_is_fine_with_tls_or_allow_insecure():
+    remote = {"type": "server", "address": "rm.keel.svc:50051"}
+    parse_config({**_sources(_CORRECT, remote), "transport": {"grpc": {"tls_ca": "ca.pem"}}})
+    parse_config({**_sources(_CORRECT, remote), "transport": {"grpc": {"allow_insecure": True}}})
+    parse_config({**_sources(_CORRECT, remote), "transport": {"grpc": {"auth": False}}})
 
 
 # --------------------------------------------------------------------------- gRPC: no clear text off loopback, mTLS
@@ -496,3 +584,130 @@ def test_logging_trackers_are_each_listed_once_and_configured_only_when_listed(k
     with pytest.raises(ConfigError) as info:
         parse_config(data, "test.yaml", CONFIG_KINDS[kind])
     assert len(info.value.lines) == 1 and info.value.lines[0].startswith(expected), info.value.lines
+
+
+# --------------------------------------------------------------------------- model.lora
+
+GRPO = {"algorithm.estimator": "grpo", "rollout.sampling.n": 2}
+
+
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        ({"rank": 0}, "model.lora.rank: Input should be greater than or equal to 1"),
+        ({"alpha": 0}, "model.lora.alpha: Input should be greater than 0"),
+        ({"dropout": 1.0}, "model.lora.dropout: Input should be less than 1"),
+        ({"target_modules": []}, "model.lora.target_modules: List should have at least 1 item"),
+        ({"target_modules": ["q_proj", " "]}, "model.lora.target_modules: module names must not be blank"),
+        ({"target_modules": ["q_proj", "q_proj"]}, "model.lora.target_modules: a module is listed twice"),
+        ({"rank": 4, "extra": 1}, "model.lora.extra: unknown key"),
+    ],
+)
+def test_lora_fields_are_checked_by_name(lora, expected):
+    lines = _errors(_with(**{"model.lora": lora, **GRPO}))
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_lora_defaults_and_null_is_off():
+    cfg = parse_config(_with(**{"model.lora": {}, **GRPO}))
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.dropout) == (8, 16.0, 0.0)
+    assert cfg.model.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    from keel.config import reference_on_learner
+
+    assert reference_on_learner(cfg)
+    off = parse_config(_with(**{"model.lora": None}))
+    assert off.model.lora is None and not reference_on_learner(off)
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, "algorithm.estimator: gae trains a critic, a second full copy of the model, which model.lora"),
+        ({**GRPO, "learner.deepspeed.zero_stage": 3}, "learner.deepspeed.zero_stage: 3 with model.lora is not"),
+        ({**GRPO, "model.lora.dropout": 0.1}, "model.lora.dropout: 0.1, but keel train turns dropout off"),
+        ({**GRPO, "reference.model": "r"}, "reference.model: with model.lora the reference is the policy with its"),
+        ({**GRPO, "reference.replicas": 2}, "reference.replicas: 2, but with model.lora the learner computes"),
+    ],
+)
+def test_lora_refuses_what_it_does_not_support_naming_both_fields(overrides, expected):
+    lines = _errors(_with(**{"model.lora": {"rank": 4}, **overrides}))
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert "model.lora" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "kind, extra, expected",
+    [
+        ("sft", {"model.lora": {"dropout": 0.1}}, None),  # dropout trains adapters in keel sft
+        ("dpo", {"model.lora": {}}, None),
+        ("sft", {"model.lora": {}, "trainer.deepspeed.zero_stage": 3}, "trainer.deepspeed.zero_stage: 3 with model"),
+        ("dpo", {"model.lora": {}, "reference": "r"}, "reference: with model.lora the reference is model.path"),
+        ("rm", {"model.lora": {}}, "model.lora: keel rm does not train LoRA adapters yet"),
+    ],
+)
+def test_offline_lora(kind, extra, expected):
+    data = {"model": {"path": "m"}, "data": {"path": "d"}}
+    for dotted, value in extra.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    if expected is None:
+        assert parse_config(data, schema=CONFIG_KINDS[kind]).model.lora is not None
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml", CONFIG_KINDS[kind])
+    assert len(info.value.lines) == 1 and info.value.lines[0].startswith(expected), info.value.lines
+
+
+BON = {**MINIMAL, "bon": {"n": 8}}
+EVAL = {"checkpoints": [{"name": "a", "path": "a"}], "reference": "r", "data": {"prompts": "x"}}
+
+
+@pytest.mark.parametrize(
+    "kind, changes, expected",
+    [
+        ("bon", {"bon": {"n": 0}}, "bon.n: Input should be greater than or equal to 1 (got 0)"),
+        ("bon", {"bon": {"n": 8, "keep": "worst"}}, "bon.keep: Input should be 'best' or 'threshold' (got 'worst')"),
+        ("bon", {"bon": {"n": 8, "keep": "threshold"}}, "bon.threshold: required with bon.keep threshold"),
+        ("bon", {"bon": {"n": 8, "threshold": 0.5}}, "bon.threshold: set, but bon.keep is best"),
+        ("bon", {"bon": {"n": 8, "keep": "threshold", "threshold": "inf"}}, "bon.threshold: Input should be a finite"),
+        ("bon", {"bon": {"n": 8, "max_prompts": -1}}, "bon.max_prompts: Input should be greater than or equal to 0"),
+        ("bon", {"bon": {"n": 8, "prompts_per_round": 0}}, "bon.prompts_per_round: Input should be greater than"),
+        ("bon", {"bon": {"n": 8, "out": "x"}}, "bon.out: unknown key"),
+        ("bon", {"bon": None}, "bon: Input should be a valid dictionary"),
+        ("bon", {"rollout": {"sampling": {"n": 4}}}, "rollout.sampling.n: bon.n draws 8 samples per prompt: leave"),
+        ("bon", {"rollout": {"sampling": {"temperature": 0}}}, "rollout.sampling.temperature: greedy sampling"),
+        ("bon", {"data": {"prompts": "x", "eval_prompts": "y"}}, "data.eval_prompts: keel bon samples data.prompts"),
+        ("bon", {"learner": {}}, "learner: unknown key"),
+        ("eval", {"best_of_n": 8}, "best_of_n: the best of n samples is the highest-rewarded one: set reward"),
+        ("eval", {"best_of_n": 1, "reward": MINIMAL["reward"]}, "best_of_n: Input should be greater than or equal"),
+        ("eval", {"best_of_n": 4, "reward": MINIMAL["reward"], "sampling": {"n": 2}}, "sampling.n: best_of_n draws"),
+        (
+            "eval",
+            {"best_of_n": 4, "reward": MINIMAL["reward"], "sampling": {"temperature": 0}},
+            "sampling.temperature: greedy sampling (temperature 0) gives one answer per prompt: best_of_n 4 needs",
+        ),
+    ],
+)
+def test_best_of_n_fields_each_give_one_line_naming_the_field(kind, changes, expected):
+    data = {**(BON if kind == "bon" else EVAL), **changes}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml", CONFIG_KINDS[kind])
+    assert len(info.value.lines) == 1 and info.value.lines[0].startswith(expected), info.value.lines
+
+
+def test_best_of_n_derived_values():
+    from keel.config import bon_run_config, bon_sampling, eval_sampling
+
+    cfg = parse_config(
+        {**BON, "rollout": {"replicas": 20, "sampling": {"temperature": 0.7}}}, schema=CONFIG_KINDS["bon"]
+    )
+    assert bon_sampling(cfg).n == 8 and bon_sampling(cfg).temperature == 0.7 and cfg.rollout.sampling.n == 1
+    run = bon_run_config(cfg)  # the roles start from these sections, as keel train's would
+    assert (run.model, run.data, run.rollout, run.reward) == (cfg.model, cfg.data, cfg.rollout, cfg.reward)
+    assert run.logging.trackers == []
+    ev = parse_config({**EVAL, "best_of_n": 8, "reward": MINIMAL["reward"]}, schema=CONFIG_KINDS["eval"])
+    assert eval_sampling(ev).n == 8 and eval_sampling(ev.model_copy(update={"best_of_n": None})).n == 1

@@ -77,6 +77,43 @@ def test_eval_of_two_checkpoints(demo_inputs, judge, tmp_path):
     for row in (same, moved):
         assert 0.0 <= row["task_metric"] <= 1.0 and 0.0 <= row["reward_mean"] <= 1.0
         assert 0 < row["response_length"] <= 4 and len(row["examples"]) == 5
-    assert lines[0].startswith("same:  task ") and "w/t/l" in lines[1]
+    assert lines[0].startswith("same:  task ") and "w/t/l" in lines[1] and len(lines) == 2  # no best-of-n table
+    assert "best_of_n" not in result and not any(key.startswith("bon@") for key in same)
     path = write_eval(result, tmp_path / "eval.json")
     assert json.loads(path.read_text())["checkpoints"][1]["name"] == "other"
+
+
+def test_eval_best_of_n_curve_from_the_same_samples(demo_inputs, tmp_path):
+    """best_of_n 8 on the demo task: the reward picks (partial credit for any number), the task metric
+    (exact sum) measures the pick, and the best of 8 is right far more often than one sample."""
+    policy, prompts = demo_inputs
+    cfg = EvalConfig.model_validate(
+        {
+            "checkpoints": [{"name": "base", "path": str(policy)}],
+            "reference": str(policy),
+            "data": {"prompts": str(prompts), "metadata_fields": ["answer"]},
+            "max_prompt_tokens": 16,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 4},
+            "reward": {"source": {"type": "function", "function": "keel.reward.rules:arithmetic"}},
+            "task_metric": "keel.reward.rules:arithmetic_exact",
+            "max_prompts": 256,
+            "best_of_n": 8,
+        }
+    )
+    lines: list[str] = []
+    result = evaluate(cfg, log=lines.append)
+    [row] = result["checkpoints"]
+    assert result["best_of_n"] == 8 and row["samples"] == 256 * 8
+    ks = [1, 2, 4, 8]
+    for measure in ("reward", "reward_unbiased", "task_metric", "task_metric_unbiased"):
+        assert [f"bon@{k}/{measure}" in row for k in ks] == [True] * 4
+    for measure in ("reward", "reward_unbiased"):  # the best of more samples never scores less
+        curve = [row[f"bon@{k}/{measure}"] for k in ks]
+        assert curve == sorted(curve), (measure, curve)
+    # k = 1 over every sample is the plain mean
+    assert row["bon@1/task_metric_unbiased"] == pytest.approx(row["task_metric"])
+    assert row["bon@1/reward_unbiased"] == pytest.approx(row["reward_mean"])
+    # the base model is right about 1 time in 100: in 256 prompts, some 3 first samples, some 18 best of 8
+    assert row["bon@8/task_metric"] > row["bon@1/task_metric"]
+    assert row["bon@8/task_metric_unbiased"] > 2 * row["bon@1/task_metric_unbiased"] > 0
+    assert lines[1].split()[:6] == ["best", "of", "k", "k=1", "k=2", "k=4"] and len(lines) == 6

@@ -91,7 +91,9 @@ helm.sh/chart: {{ include "keel.chart" .ctx }}
 {{- end -}}
 
 {{/* The run config as written to the ConfigMap: values' config, with transport.grpc.token_file
-     pointing at the mounted token when a token Secret is in use (unless the config names one). */}}
+     pointing at the mounted token when a token Secret is in use (unless the config names one), and
+     with metrics.enabled, logging.metrics_port/metrics_host set so that the metrics Service reaches
+     the controller's /metrics (a config value that would break that fails, naming it). */}}
 {{- define "keel.trainConfig" -}}
 {{- $cfg := include "keel.parseConfig" (dict "value" .Values.config "path" "config") | fromYaml -}}
 {{- if include "keel.tokenEnabled" . -}}
@@ -103,10 +105,32 @@ helm.sh/chart: {{ include "keel.chart" .ctx }}
 {{- $_ := set $transport "grpc" $grpc -}}
 {{- $_ := set $cfg "transport" $transport -}}
 {{- end -}}
+{{- if .Values.metrics.enabled -}}
+{{- $logging := get $cfg "logging" | default dict -}}
+{{- include "keel.checkMetricsPort" (dict "ctx" . "section" $logging "key" "metrics_port" "path" "config.logging.metrics_port") -}}
+{{- $host := get $logging "metrics_host" -}}
+{{- if and $host (not (has $host (list "0.0.0.0" "::"))) -}}
+{{- fail (printf "config.logging.metrics_host: %v is not reachable through the metrics Service (metrics.enabled); drop it (the chart sets 0.0.0.0) or use 0.0.0.0 or ::" $host) -}}
+{{- end -}}
+{{- $_ := set $logging "metrics_port" (int .Values.metrics.port) -}}
+{{- $_ := set $logging "metrics_host" (default "0.0.0.0" $host) -}}
+{{- $_ := set $cfg "logging" $logging -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* The reward server's config: values' rewardServer.config plus port, bind address, token and TLS. */}}
+{{/* With metrics.enabled, a config's own metrics port must be unset or metrics.port, the port the
+     container declares and the Service targets. Call with (dict "ctx" $ "section" <dict> "key" "metrics_port" "path" "<where>") */}}
+{{- define "keel.checkMetricsPort" -}}
+{{- $port := int .ctx.Values.metrics.port -}}
+{{- $v := index .section .key -}}
+{{- if and (hasKey .section .key) (not (kindIs "invalid" $v)) (ne (toString $v) (toString $port)) -}}
+{{- fail (printf "%s: %v differs from metrics.port (%d), where the metrics Service looks; drop it from the config or set metrics.port" .path $v $port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The reward server's config: values' rewardServer.config plus port, bind address, token, TLS and
+     (metrics.enabled) metrics_port. */}}
 {{- define "keel.rewardServerConfig" -}}
 {{- $cfg := include "keel.parseConfig" (dict "value" .Values.rewardServer.config "path" "rewardServer.config") | fromYaml -}}
 {{- $grpc := get $cfg "grpc" | default dict -}}
@@ -122,6 +146,10 @@ helm.sh/chart: {{ include "keel.chart" .ctx }}
 {{- end -}}
 {{- $_ := set $cfg "grpc" $grpc -}}
 {{- $_ := set $cfg "port" (int .Values.rewardServer.port) -}}
+{{- if .Values.metrics.enabled -}}
+{{- include "keel.checkMetricsPort" (dict "ctx" . "section" $cfg "key" "metrics_port" "path" "rewardServer.config.metrics_port") -}}
+{{- $_ := set $cfg "metrics_port" (int .Values.metrics.port) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
@@ -164,6 +192,19 @@ helm.sh/chart: {{ include "keel.chart" .ctx }}
 {{- end -}}
 {{- if and (not .Values.persistence.enabled) .Values.persistence.existingClaim -}}
 {{- fail "persistence.existingClaim: set, but persistence.enabled is false" -}}
+{{- end -}}
+{{- $m := .Values.metrics -}}
+{{- if and $m.serviceMonitor.enabled (not $m.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled: true, but metrics.enabled is false (nothing would serve /metrics)" -}}
+{{- end -}}
+{{- if $m.enabled -}}
+{{- $taken := dict "6379" "the Ray GCS port" "8265" "the Ray dashboard port" "10001" "the Ray client port" -}}
+{{- if $rs.enabled -}}
+{{- $_ := set $taken (toString (int $rs.port)) "rewardServer.port" -}}
+{{- end -}}
+{{- with get $taken (toString (int $m.port)) -}}
+{{- fail (printf "metrics.port: %d is already %s" (int $m.port) .) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -265,4 +306,25 @@ limits:
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/* The NetworkPolicy ingress rule that admits metrics.allowFrom to the metrics port; nothing when
+     both selectors are {} (then only `kubectl port-forward` reaches it). */}}
+{{- define "keel.metricsIngress" -}}
+{{- $from := .Values.metrics.allowFrom -}}
+{{- if or $from.namespaceLabels $from.podLabels -}}
+- from:
+    - {{- with $from.namespaceLabels }}
+      namespaceSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+      {{- with $from.podLabels }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  ports:
+    - {protocol: TCP, port: {{ .Values.metrics.port }}}
+{{- end -}}
 {{- end -}}

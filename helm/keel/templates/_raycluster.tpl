@@ -73,6 +73,12 @@ headGroupSpec:
             - {containerPort: 6379, name: gcs-server}
             - {containerPort: 8265, name: dashboard}
             - {containerPort: 10001, name: client}
+            {{- if .Values.metrics.enabled }}
+            # The controller's Prometheus /metrics (logging.metrics_port), behind <fullname>-metrics.
+            # Not named `metrics`: KubeRay gives that name to Ray's own exporter (8080, which its
+            # PodMonitor scrapes) and adds it only when no port has it.
+            - {containerPort: {{ .Values.metrics.port }}, name: keel-metrics, protocol: TCP}
+            {{- end }}
           env:
             {{- include "keel.env" . | nindent 12 }}
           resources:

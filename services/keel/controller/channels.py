@@ -6,7 +6,9 @@
 - reward: scores for a batch. objectstore: the reward actors, on the batch's object ref. grpc:
   a `RewardClient` to each of the job's reward-server actors, or one to an external `keel serve
   reward`. With `reward.replicas` actors the batch is cut into contiguous shards, one per actor,
-  scored concurrently and joined in order (`keel.controller.replicas`).
+  scored concurrently and joined in order (`keel.controller.replicas`). What comes back is each
+  source's raw scores, (B, S); the controller combines them (`keel.reward.combine`), since a
+  source's whitening is over the whole batch. An external server's scores are one source.
 - weights: the learner's new policy to every rollout worker. objectstore: one object fetched by
   every worker. grpc: the learner publishes the version on its WeightService; every worker
   fetches it in checksummed chunks and applies it all-or-nothing.
@@ -22,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from keel.config import GrpcConfig, RunConfig
+from keel.config import GrpcConfig, RunConfig, reward_sources, source_name
 from keel.controller.replicas import Joined, shard
 from keel.data.prompts import Prompt
 from keel.trajectory import Trajectories
@@ -40,7 +42,8 @@ def grpc_token_env(cfg: RunConfig) -> dict[str, str]:
     """
     from keel.transport.security import hand_over_token
 
-    if not (cfg.transport.uses_grpc() and cfg.transport.grpc.auth):
+    servers = any(s.type == "server" for s in reward_sources(cfg.reward))  # the reward actors call them
+    if not ((cfg.transport.uses_grpc() or servers) and cfg.transport.grpc.auth):
         return {}
     return hand_over_token(cfg.transport.grpc)
 
@@ -147,14 +150,14 @@ def with_prompts(traj: Trajectories, prompts: list[Prompt]) -> Trajectories:
 
 
 class ActorReward:
-    """The job's reward actors (RewardModel), each scoring its shard of the batch; a lost or hung
-    actor is started again and its shard sent again (`StatelessRole`)."""
+    """The job's reward actors (RewardModel), each scoring its shard of the batch by every source,
+    (b, S); a lost or hung actor is started again and its shard sent again (`StatelessRole`)."""
 
     def __init__(self, role):
         self.role = role  # StatelessRole
 
     def submit(self, traj: Trajectories, traj_ref, step: int | None) -> Joined:
-        return self.role.submit(traj, traj_ref, "score_trajectories", step)
+        return self.role.submit(traj, traj_ref, "score_trajectories_by_source", step)
 
     def take_latencies(self) -> list[float]:
         """Seconds of each scoring call (a shard) answered since the last take."""
@@ -174,15 +177,20 @@ class GrpcReward:
     A server that answers UNAVAILABLE or RESOURCE_EXHAUSTED (down, restarting, overloaded) is tried
     again with backoff for up to reward.outage_budget_s per call; the job's own servers (`actors`)
     are asked their address again each time, since Ray may have started one again on another port.
-    Past the budget the call raises RoleOutage. Scores are checked (one finite number per sample,
-    naming the first bad one) and clipped to reward.clip, as the job's own reward actors do.
+    Past the budget the call raises RoleOutage. Scores are checked (one finite number per sample and
+    source, naming the first bad one): each source's raw scores from the job's own servers, (b, S),
+    or an external server's scores as one source, (b, 1). The controller combines them.
     """
 
-    def __init__(self, clients: list, reward_cfg, actors: list | None = None, log=print):
+    def __init__(self, clients: list, reward_cfg, actors: list | None = None, log=print, errors=None):
+        from keel.controller.errors import ErrorTally
+
         self.clients = clients
+        self.errors = errors if errors is not None else ErrorTally()  # each unavailable try counts
         self.actors = actors or []  # RewardServerRole actors, one per client; none for an external server
         self.budget_s = reward_cfg.outage_budget_s
-        self.clip = reward_cfg.clip
+        # the names of the columns a server sends: the job's sources, or an external server's scores
+        self.sources = [source_name(s) for s in reward_sources(reward_cfg)] if self.actors else None
         self.log = log
         self.outage_s = 0.0  # time spent waiting for a server, over the run
         self.redials = 0  # reconnections to a server found at a new address
@@ -197,14 +205,14 @@ class GrpcReward:
     def _score(self, index: int, part: Trajectories, step: int | None):
         from keel.controller.supervisor import RoleOutage, at_step
         from keel.reward.client import RewardUnavailable
-        from keel.reward.model import checked_scores
+        from keel.reward.combine import check_sources
 
         start, delay, failed = time.monotonic(), 0.5, False
         while True:
             client = self.clients[index]
             try:
                 called = time.perf_counter()
-                values = client.score_trajectories(part).tolist()
+                raw = client.score_trajectories_by_source(part) if self.sources else client.score_trajectories(part)
                 with self._lock:
                     self.latencies.append(time.perf_counter() - called)
                 break
@@ -214,8 +222,11 @@ class GrpcReward:
                 if waited >= self.budget_s:
                     raise RoleOutage(
                         f"reward: server {client.address} unreachable for {waited:.0f}s {at_step(step)}, past "
-                        f"reward.outage_budget_s ({self.budget_s:g}s): {err}"
+                        f"reward.outage_budget_s ({self.budget_s:g}s): {err}",
+                        "reward",
+                        "outage",
                     ) from None
+                self.errors.add("reward", "unavailable")
                 self.log(f"{err} ({at_step(step)}); trying again ({waited:.0f}s so far)")
                 time.sleep(min(delay, max(0.0, self.budget_s - waited)) * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
@@ -223,7 +234,13 @@ class GrpcReward:
         if failed:
             with self._lock:
                 self.outage_s += time.monotonic() - start
-        return checked_scores(values, part.sample_ids, f"server {self.clients[index].address}", self.clip)
+        server = f"server {self.clients[index].address}"
+        if self.sources is None:  # an external server: its scores are the one source
+            raw, names = raw[:, None], [server]
+        else:
+            names = [f"{n} ({server})" for n in self.sources]
+        check_sources(raw, names, part.sample_ids)
+        return raw
 
     def _redial(self, index: int, left_s: float) -> None:
         """A job-owned server: ask its actor where it listens now (Ray starts a lost one again, on a
@@ -278,7 +295,7 @@ class ObjectStoreWeights:
     def publish(
         self, learners: list, workers: list, version: int, timeout_s: float, step: int | None = None
     ) -> tuple[dict[str, float], list]:
-        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer).
+        """Weights `version` to every worker: (metrics, each worker's answer as `settle` gives it).
         A learner rank that is lost or gives no answer raises RoleFailed."""
         from keel.controller.supervisor import gather
 
@@ -286,22 +303,20 @@ class ObjectStoreWeights:
         ranks = [(f"learner rank {r}", lr.export_shared.remote(version)) for r, lr in enumerate(learners)]
         self.latest = gather(ranks, "weight export", step, timeout_s, "controller.weight_sync_timeout_s")[0]
         self.learners, self._packed = learners, None
-        lost = self._apply(workers, version, timeout_s, step)
-        return {"weight_sync/bytes": float(self.latest.total_bytes)}, lost
+        answers = self._apply(workers, version, timeout_s, step)
+        return {"weight_sync/bytes": float(self.latest.total_bytes)}, answers
 
     def _apply(self, workers: list, version: int, timeout_s: float, step: int | None) -> list:
         """`latest` to `workers`: mapped on rank 0's node, through the object store elsewhere; returns
-        the workers that are gone or gave no answer."""
-        import ray
-
-        calls = [w.update_weights_shared.remote(self.latest, version) for w in workers]
-        lost = settle(workers, calls, timeout_s)
-        gone = {id(w) for w in lost}
-        elsewhere = [w for w, ref in zip(workers, calls, strict=True) if id(w) not in gone and ray.get(ref) is None]
+        each worker's answer (`settle`)."""
+        answers = settle(workers, [w.update_weights_shared.remote(self.latest, version) for w in workers], timeout_s)
+        elsewhere = [i for i, answer in enumerate(answers) if answer is None]  # not on rank 0's node
         if elsewhere:
             packed = self._packed_ref(step, timeout_s)
-            lost += settle(elsewhere, [w.update_weights.remote(packed, version) for w in elsewhere], timeout_s)
-        return lost
+            calls = [workers[i].update_weights.remote(packed, version) for i in elsewhere]
+            for i, answer in zip(elsewhere, settle([workers[i] for i in elsewhere], calls, timeout_s), strict=True):
+                answers[i] = answer
+        return answers
 
     def _packed_ref(self, step: int | None, timeout_s: float):
         """The last version in the object store (every rank takes part in the export), made once."""
@@ -329,14 +344,14 @@ class GrpcWeights:
     def publish(
         self, learners: list, workers: list, version: int, timeout_s: float, step: int | None = None
     ) -> tuple[dict[str, float], list]:
-        """Weights `version` to every worker: (metrics, the workers that are gone or did not answer).
+        """Weights `version` to every worker: (metrics, each worker's answer as `settle` gives it).
         A learner rank that is lost or gives no answer raises RoleFailed."""
         from keel.controller.supervisor import gather
 
         ranks = [(f"learner rank {r}", lr.publish_weights.remote(version)) for r, lr in enumerate(learners)]
         published = gather(ranks, "weight publish", step, timeout_s, "controller.weight_sync_timeout_s")[0]
-        lost = settle(workers, [w.pull_weights.remote(version) for w in workers], timeout_s)
-        return {"weight_sync/bytes": float(published["bytes"])}, lost
+        answers = settle(workers, [w.pull_weights.remote(version) for w in workers], timeout_s)
+        return {"weight_sync/bytes": float(published["bytes"])}, answers
 
     def catch_up(self, worker, version: int, timeout_s: float) -> None:
         """Bring a new worker to the current version (the WeightService still holds it)."""
@@ -347,25 +362,26 @@ class GrpcWeights:
 
 
 def settle(workers: list, refs: list, timeout_s: float) -> list:
-    """Wait for one call per worker; returns the workers that are gone or gave no answer within
-    `timeout_s` (the supervisor replaces them). Any other error raises."""
+    """Wait for one call per worker; returns each worker's answer in order: the call's result, or
+    "lost" / "timeout" for a worker that is gone or gave no answer within `timeout_s` (the
+    supervisor replaces those). Any other error raises."""
     import ray
 
     from keel.controller.supervisor import actor_lost
 
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    lost = []
-    for worker, ref in zip(workers, refs, strict=True):
+    answers = []
+    for ref in refs:
         if ref not in ready:
-            lost.append(worker)
+            answers.append("timeout")
             continue
         try:
-            ray.get(ref)
+            answers.append(ray.get(ref))
         except Exception as err:
             if not actor_lost(err):
                 raise
-            lost.append(worker)
-    return lost
+            answers.append("lost")
+    return answers
 
 
 # --------------------------------------------------------------------------- all three
@@ -396,10 +412,10 @@ class Channels:
         return {**self.rollout.metrics(), **self.reward.metrics()}
 
 
-def open_channels(cfg: RunConfig, workers: list, learners: list, reward_role, log=print) -> Channels:
+def open_channels(cfg: RunConfig, workers: list, learners: list, reward_role, log=print, errors=None) -> Channels:
     """Start the gRPC endpoints the config asks for and connect the workers to them. `reward_role` is
-    the job's reward actors (a StatelessRole; None with an external reward server). Every wait is
-    bounded by controller.start_timeout_s."""
+    the job's reward actors (a StatelessRole; None with an external reward server); `errors` the
+    run's ErrorTally. Every wait is bounded by controller.start_timeout_s."""
     from keel.controller.supervisor import gather
 
     t, grpc_cfg = cfg.transport, cfg.transport.grpc
@@ -432,7 +448,7 @@ def open_channels(cfg: RunConfig, workers: list, learners: list, reward_role, lo
         clients = [RewardClient(grpc_cfg, address) for address in servers]
         for client in clients:
             client.wait_ready()
-        reward = GrpcReward(clients, cfg.reward, reward_actors, log)
+        reward = GrpcReward(clients, cfg.reward, reward_actors, log, errors)
     channels = Channels(rollout, reward, weights, addresses, timeout_s)
     for w in workers:
         channels.connect(w, grpc_cfg)

@@ -178,6 +178,7 @@ MAY_DIFFER = (
     "logging.level",
     "logging.log_every",
     "logging.metrics_port",
+    "logging.metrics_host",
     "logging.run_dir",
     "logging.trackers",
     "logging.wandb",

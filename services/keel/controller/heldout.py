@@ -6,7 +6,9 @@ same seed at every evaluation, so two evaluations differ by the policy and not b
 reward role scores the answers, the reference and the learner give their log-probs, and one
 metrics line records, for the policy after `step` updates (weight version `step`):
 
-  eval/reward_mean      mean reward, as the reward role scores training batches (clipping included)
+  eval/reward_mean      mean reward, as the reward role scores training batches (the sources combined,
+                        whitened over the held-out batch where a source says so, and clipped)
+  eval/reward/<name>_mean  each reward source's raw mean
   eval/kl               mean over samples of sum_t KL_t(pi || pi_ref), k1: the training metric `kl`
                         (`sequence_kl`) on these samples; left out when the reference is disabled
   eval/response_length  generated tokens per sample
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from keel.config import RunConfig, SamplingConfig, sampling_seed
+from keel.config import RewardConfig, RunConfig, SamplingConfig, sampling_seed
 from keel.controller.advantages import sequence_kl
 from keel.controller.channels import split
 from keel.data.prompts import Prompt
@@ -39,6 +41,7 @@ class HeldOut:
     sampling: SamplingConfig  # rollout.sampling with n = 1
     seed: int
     task_metric: Callable | None  # fn(prompts, responses, metadata) -> 0/1 per sample
+    reward: RewardConfig  # how the reward sources combine
 
     @classmethod
     def from_config(cls, cfg: RunConfig, prompts: list[Prompt]) -> HeldOut:
@@ -53,6 +56,7 @@ class HeldOut:
             sampling=cfg.rollout.sampling.model_copy(update={"n": 1}),
             seed=sampling_seed(cfg) * 1_000_003 + 7,  # apart from the training rollouts' seeds
             task_metric=import_function(metric, "data.eval_task_metric") if metric else None,
+            reward=cfg.reward,
         )
 
     def due(self, step: int) -> bool:
@@ -78,6 +82,8 @@ class HeldOut:
         `step` (steps done) names the evaluation in errors."""
         import ray
 
+        from keel.reward.combine import combine
+
         t0 = time.perf_counter()
         traj = self.generate(workers, pad_token_id, step, supervisor.timeouts.rollout_timeout_s)
         traj_ref = ray.put(traj)
@@ -85,8 +91,11 @@ class HeldOut:
         reference = supervisor.reference
         ref = reference.submit(traj, traj_ref, "logprobs", step) if reference is not None else None
         old, _ = supervisor.learner_forward(traj_ref, step)
-        traj = traj.with_fields(scores=scores.result(), ref_logprobs=ref.result() if ref else None, old_logprobs=old)
-        return {"weight_version": traj.weight_version, **self.metrics(traj), "eval/time_s": time.perf_counter() - t0}
+        reward = combine(scores.result(), self.reward, traj.sample_ids)  # (B, S) per source -> (B,)
+        traj = traj.with_fields(scores=reward.scores, ref_logprobs=ref.result() if ref else None, old_logprobs=old)
+        m = {"weight_version": traj.weight_version, **self.metrics(traj)}
+        m.update({f"eval/{k}": v for k, v in reward.metrics.items()})  # eval/reward/<name>_mean
+        return {**m, "eval/time_s": time.perf_counter() - t0}
 
     def metrics(self, traj: Trajectories) -> dict[str, float]:
         """The eval/* metrics of a scored batch (scores, old_logprobs and, optionally, ref_logprobs)."""

@@ -5,7 +5,8 @@ directory, leaving out .venv, runs/, .git and caches, and starts `keel train` on
 under a submission id that names the run: `keel-<name>-<time>-<4 hex>`. The id also goes to the
 job as KEEL_JOB_ID, which names the job's control actor, so `scale` can find the running
 controller. `scale` submits a small control job that leaves the request with that actor and
-waits until the controller reports it applied.
+waits until the controller reports it applied; `live_status` one that reads the status summary the
+controller reports there after every step.
 
 The cluster runs the `keel` on its own PATH: put the environment's bin directory there (in the
 image, or before `ray start`).
@@ -184,6 +185,23 @@ def follow(address: str | None, job_id: str, out) -> str:
 
     asyncio.run(tail())
     return wait(address, job_id, 60.0)
+
+
+def live_status(address: str | None, job_id: str, timeout_s: float = 120.0) -> dict:
+    """A running job's state and status summary, from its control actor (through a control job, as
+    `scale` does): {"state": ..., "summary": ...}. Raises JobError when they cannot be read."""
+    import json
+
+    jobs = client(address)
+    control_id = f"{job_id}-status-{secrets.token_hex(2)}"
+    entrypoint = f"keel _control status --job {shlex.quote(job_id)}"
+    jobs.submit_job(entrypoint=entrypoint, submission_id=control_id, metadata={"keel": "control", "job": job_id})
+    final = wait(address, control_id, timeout_s)
+    text = jobs.get_job_logs(control_id)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if final != "SUCCEEDED":
+        raise JobError(f"reading job {job_id}'s status failed: {(lines or [final])[-1]}")
+    return json.loads(next(line for line in reversed(lines) if line.startswith("{")))
 
 
 def scale(address: str | None, job_id: str, replicas: int, timeout_s: float = 300.0) -> str:

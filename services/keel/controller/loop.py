@@ -42,12 +42,15 @@ from keel.config import (
 from keel.controller.advantages import add_advantages, logprob_gap, sequence_kl
 from keel.controller.channels import Channels, InFlight, open_channels
 from keel.controller.checkpoint import RunCheckpoints, cut_metrics
+from keel.controller.errors import ErrorTally
 from keel.controller.heldout import HeldOut, format_eval
 from keel.controller.placement import PlacementError
 from keel.controller.scaling import Autoscaler
 from keel.controller.supervisor import RoleOutage, Supervisor
+from keel.reward.combine import combine
 from keel.telemetry.console import NO_PROGRESS
 from keel.telemetry.sinks import MetricSinks, open_sinks
+from keel.telemetry.status import latest_checkpoint, summarize
 from keel.trajectory import Trajectories
 
 
@@ -140,6 +143,7 @@ class Controller:
         resume_from: Path | None = None,
         run_restarts: int = 0,
         progress=NO_PROGRESS,
+        errors: ErrorTally | None = None,
     ):
         self.cfg = cfg
         self.run_dir = run_dir
@@ -154,7 +158,8 @@ class Controller:
         self.version = 0
         self.kl_coef = cfg.algorithm.kl.coef
         self.history: list[dict] = []
-        self.supervisor = Supervisor(cfg, log=log)  # every role actor: started, watched, restarted
+        self.errors = errors if errors is not None else ErrorTally()  # by role and kind (keel.controller.errors)
+        self.supervisor = Supervisor(cfg, log=log, errors=self.errors)  # every role actor: started, watched, restarted
         self.heldout: HeldOut | None = None  # data.eval_prompts, when set
         self.channels: Channels | None = None
         self.control = None  # the job's control actor (keel scale)
@@ -228,7 +233,7 @@ class Controller:
         )
         with self.progress.task("start roles, load models"):
             ready = self.supervisor.start(plan, largest_batch, logprob_temperature(cfg))
-        self.channels = open_channels(cfg, self.rollout, self.learners, self.supervisor.reward, self.log)
+        self.channels = open_channels(cfg, self.rollout, self.learners, self.supervisor.reward, self.log, self.errors)
         self.log(f"ready: {len(ready)} rollout worker(s) [{ready[0]['backend']}], {len(self.learners)} learner rank(s)")
         for channel, address in self.channels.addresses.items():
             self.log(f"{channel} over gRPC: {address}")
@@ -236,8 +241,9 @@ class Controller:
         if cfg.logging.metrics_port is not None:
             from keel.telemetry.prometheus import RunExporter
 
-            self.exporter = RunExporter(cfg.transport.grpc.host, cfg.logging.metrics_port)
-            self.log(f"metrics: http://{cfg.transport.grpc.host}:{self.exporter.port}/metrics")
+            host = cfg.logging.metrics_host or cfg.transport.grpc.host
+            self.exporter = RunExporter(host, cfg.logging.metrics_port)
+            self.log(f"metrics: http://{host}:{self.exporter.port}/metrics")
         if self.resume_from is not None:
             self.checkpoints.restore(self, self.resume_from)
             self.log(f"resuming from {self.resume_from} at step {self.version} of {cfg.controller.steps}")
@@ -267,8 +273,9 @@ class Controller:
         if not self.one_pass or uses_critic(cfg):
             old, values = sup.learner_forward(traj_ref, step, logprobs=not self.one_pass)
         busy = {"rollout": self._rollout_busy, "old_logprobs": time.perf_counter() - forward_start}
+        reward = combine(scores.result(), cfg.reward, traj.sample_ids)  # (B, S) per source -> (B,), whole batch
         traj = traj.with_fields(
-            scores=scores.result(),
+            scores=reward.scores,
             ref_logprobs=ref.result() if ref else None,
             old_logprobs=old,
             values=values,
@@ -300,7 +307,8 @@ class Controller:
         reward_calls = self.channels.reward.take_latencies()
         busy["reward"] = max(reward_calls, default=0.0)
         busy["reference"] = max(sup.reference.take_latencies(), default=0.0) if sup.reference is not None else 0.0
-        extra = {**gap, **learn_metrics, **sync, **self.channels.metrics(), **self._rollout_metrics(traj)}
+        extra = {**reward.metrics, **gap, **learn_metrics, **sync, **self.channels.metrics()}
+        extra.update(self._rollout_metrics(traj))
         metrics = self._metrics(traj, extra, timer, busy, reward_calls)
         self.version = new_version
         self._adapt_kl(metrics["kl"])
@@ -389,7 +397,7 @@ class Controller:
             self.log(f"rollout workers stay at {len(self.rollout)}: {err}")
             self._report(error=str(err))
 
-    def _rollout_metrics(self, traj: Trajectories) -> dict[str, float]:
+    def _rollout_metrics(self, traj: Trajectories) -> dict:
         return {
             **self.supervisor.metrics(),
             "run/restarts": float(self.run_restarts),
@@ -414,8 +422,14 @@ class Controller:
         return {"version": self.version, "rollout_replicas": len(self.rollout), "mode": self.cfg.controller.mode}
 
     def _report(self, error: str | None = None) -> None:
+        """The job's state to its control actor; after a step, with the status summary `keel status
+        JOB` prints."""
         if self.control is not None:
-            self.control.report.remote(self._state(), error)
+            summary = None
+            if error is None:
+                cfg = self.cfg
+                summary = summarize(cfg.name, cfg.controller.steps, self.history, latest_checkpoint(self.run_dir), None)
+            self.control.report.remote(self._state(), error, summary)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -523,7 +537,9 @@ class Controller:
         self.sinks.close()
         return RoleOutage(
             f"{err}. Stopped after {self.version} step(s) with a checkpoint ({path}): run the same command again "
-            "to resume once the service is back."
+            "to resume once the service is back.",
+            err.role,
+            err.kind,
         )
 
     def request_stop(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from keel.config import Resources, RunConfig
+from keel.config import Resources, RunConfig, reference_on_learner
 
 
 class PlacementError(RuntimeError):
@@ -33,14 +33,14 @@ class RoleRequest:
 
 def role_requests(cfg: RunConfig) -> list[RoleRequest]:
     """What a run places, a bundle per replica: rollout, learner, the reward (unless an external
-    server scores) and the reference (when enabled)."""
+    server scores) and the reference (when enabled, and not computed by the learner: model.lora)."""
     requests = [
         RoleRequest("rollout", cfg.rollout.replicas, cfg.rollout.resources),
         RoleRequest("learner", cfg.learner.replicas, cfg.learner.resources),
     ]
     if cfg.transport.grpc.reward_address is None:
         requests.append(RoleRequest("reward", cfg.reward.replicas, cfg.reward.resources))
-    if cfg.reference.enabled:
+    if cfg.reference.enabled and not reference_on_learner(cfg):
         requests.append(RoleRequest("reference", cfg.reference.replicas, cfg.reference.resources))
     return requests
 

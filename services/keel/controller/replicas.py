@@ -58,7 +58,8 @@ ALWAYS = -1
 def start_rewards(cfg: RunConfig, group, envs: list[dict[str, str]], max_request_samples: int) -> list:
     """`reward.replicas` reward actors, one per bundle of the role's placement group, actor i with
     process environment envs[i]: RewardModel (reward channel objectstore) or RewardServerRole, the
-    reward core behind a RewardService in its own actor (grpc). None when an external server scores
+    reward core behind a RewardService in its own actor (grpc); either calls the reward servers among
+    reward.sources with transport.grpc's token and TLS. None when an external server scores
     (transport.grpc.reward_address)."""
     from keel.reward.model import RewardModel
     from keel.reward.server import RewardServerRole
@@ -74,7 +75,7 @@ def start_rewards(cfg: RunConfig, group, envs: list[dict[str, str]], max_request
             for i in range(cfg.reward.replicas)
         ]
     return [
-        remote(RewardModel, resources, envs[i], in_group(group, i), ALWAYS).remote(cfg.reward)
+        remote(RewardModel, resources, envs[i], in_group(group, i), ALWAYS).remote(cfg.reward, cfg.transport.grpc)
         for i in range(cfg.reward.replicas)
     ]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from keel.config import RunConfig
 from keel.controller.checkpoint import CheckpointStore
-from keel.controller.supervisor import RoleFailed
+from keel.controller.errors import ErrorTally
+from keel.controller.supervisor import RoleError, RoleFailed
 from keel.telemetry.console import NO_PROGRESS
 
 
@@ -40,8 +41,9 @@ class RunRestarts:
         self.log = log
         self.progress = progress  # handed to each controller (keel.telemetry.console)
         self.resume_from = resume_from
-        self.make = make or Controller  # (cfg, run_dir, log, resume_from, run_restarts, progress) -> Controller
+        self.make = make or Controller  # (cfg, run_dir, log, resume_from, run_restarts, progress, errors) -> Controller
         self.restarts = 0
+        self.errors = ErrorTally()  # by role and kind, over every start (keel.controller.errors)
         self.controller = None  # the one running now
         self.stop_requested = False
 
@@ -63,6 +65,7 @@ class RunRestarts:
                 resume_from=resume,
                 run_restarts=self.restarts,
                 progress=self.progress,
+                errors=self.errors,
             )
             self.controller = ctrl
             if self.stop_requested:
@@ -73,8 +76,11 @@ class RunRestarts:
                     on_start(ctrl)
                 ctrl.run(on_step=on_step)
                 return ctrl
-            except RoleFailed as err:
-                if self.restarts >= self.cfg.controller.max_restarts or self.stop_requested:
+            except RoleError as err:
+                self.errors.add(err.role, err.kind)
+                if not isinstance(err, RoleFailed) or self.restarts >= self.cfg.controller.max_restarts:
+                    raise
+                if self.stop_requested:
                     raise
                 resume = CheckpointStore(self.run_dir / "checkpoints", 1).latest()
                 self.restarts += 1

@@ -30,6 +30,8 @@ class RolloutPool:
     def __init__(self, cfg: RunConfig, group, env: dict[str, str]):
         self.cfg = cfg
         self.workers: list = []  # the list the channels read: changed in place
+        self.names: list[str] = []  # each worker's id ("rollout-3"), in the same order
+        self.versions: dict[str, int] = {}  # worker id -> the weight version it serves (answered by it)
         self._slots: list[Slot] = []
         self._group = group
         self._free = list(range(cfg.rollout.replicas - 1, -1, -1))  # free bundles of the role's group (stack)
@@ -44,12 +46,27 @@ class RolloutPool:
 
         for _ in range(self.cfg.rollout.replicas):
             slot = Slot(self._group, self._free.pop(), owned=False)
-            self.workers.append(self._new_worker(slot))
+            worker, name = self._new_worker(slot)
+            self.workers.append(worker)
+            self.names.append(name)
             self._slots.append(slot)
         calls = [(f"rollout worker {i}", w.ready.remote()) for i, w in enumerate(self.workers)]
-        return gather(calls, "start", None, timeout_s, "controller.start_timeout_s")
+        ready = gather(calls, "start", None, timeout_s, "controller.start_timeout_s")
+        for name, report in zip(self.names, ready, strict=True):
+            self.versions[name] = report["weight_version"]
+        return ready
 
-    def _new_worker(self, slot: Slot):
+    def serving(self, worker, version: int) -> None:
+        """`worker` answered that it serves weight `version`."""
+        index = next(i for i, w in enumerate(self.workers) if w is worker)
+        self.versions[self.names[index]] = version
+
+    def weight_versions(self) -> dict[str, int]:
+        """Each worker's id -> the weight version it serves, in worker order."""
+        return {name: self.versions[name] for name in self.names}
+
+    def _new_worker(self, slot: Slot) -> tuple[object, str]:
+        """A new worker actor in `slot`, and its id."""
         from keel.rollout.worker import RolloutWorker
 
         cfg = self.cfg
@@ -60,7 +77,7 @@ class RolloutPool:
         )
         env = {**self._env, **thread_env(threads)}
         actor = remote(RolloutWorker, cfg.rollout.resources, env, in_group(slot.group, slot.index))
-        return actor.remote(cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), worker_id)
+        return actor.remote(cfg.model, cfg.rollout, max_model_len(cfg), sampling_seed(cfg), worker_id), worker_id
 
     def _take_slot(self, target: int) -> Slot:
         if self._free:
@@ -93,28 +110,29 @@ class RolloutPool:
             raise ValueError(f"rollout workers must be in [1, {self.cfg.controller.prompts_per_step}], got {n}")
         request_capacity(self.cfg, n)
         self._asked_capacity = True
-        added: list[tuple[object, Slot]] = []
+        added: list[tuple[object, str, Slot]] = []
         try:
             while len(self.workers) + len(added) < n:
                 slot = self._take_slot(n)
-                added.append((self._new_worker(slot), slot))
+                added.append((*self._new_worker(slot), slot))
             grpc_cfg, timeout = self.cfg.transport.grpc, self.cfg.controller.weight_sync_timeout_s
-            for worker, _ in added:
+            for worker, _, _ in added:
                 ray.get(worker.ready.remote(), timeout=self.cfg.controller.start_timeout_s)
                 channels.connect(worker, grpc_cfg)
                 channels.weights.catch_up(worker, version, timeout)
         except BaseException:
-            for worker, slot in added:
+            for worker, _, slot in added:
                 ray.kill(worker)
                 self._release(slot)
             request_capacity(self.cfg, len(self.workers))
             raise
-        for worker, slot in added:
+        for worker, name, slot in added:
             self.workers.append(worker)
+            self.names.append(name)
+            self.versions[name] = version
             self._slots.append(slot)
         while len(self.workers) > n:
-            ray.kill(self.workers.pop())
-            self._release(self._slots.pop())
+            self._remove_last()
 
     def replace(self, worker, channels, version: int):
         """Kill `worker` (lost or hung) and start another in its placement bundle, connected and at
@@ -123,19 +141,24 @@ class RolloutPool:
 
         index = next(i for i, w in enumerate(self.workers) if w is worker)
         ray.kill(worker, no_restart=True)
-        new = self._new_worker(self._slots[index])
+        new, name = self._new_worker(self._slots[index])
         ray.get(new.ready.remote(), timeout=self.cfg.controller.start_timeout_s)
         channels.connect(new, self.cfg.transport.grpc)
         channels.weights.catch_up(new, version, self.cfg.controller.weight_sync_timeout_s)
-        self.workers[index] = new
+        self.versions.pop(self.names[index])
+        self.workers[index], self.names[index], self.versions[name] = new, name, version
         return new
 
-    def shutdown(self) -> None:
+    def _remove_last(self) -> None:
         import ray
 
+        ray.kill(self.workers.pop())
+        self.versions.pop(self.names.pop())
+        self._release(self._slots.pop())
+
+    def shutdown(self) -> None:
         while self.workers:
-            ray.kill(self.workers.pop())
-            self._release(self._slots.pop())
+            self._remove_last()
         if self._asked_capacity:  # the run is over: its nodes may go once idle
             from ray.autoscaler.sdk import request_resources
 

@@ -28,20 +28,32 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from keel.config import RunConfig
+from keel.config import RunConfig, reference_on_learner
 from keel.controller.actors import remote, role_threads, thread_env
+from keel.controller.errors import ErrorTally, role_of
+from keel.controller.learner_reference import LearnerReference
 from keel.controller.placement import in_group, node_cpus, place_roles, rendezvous, role_requests
 from keel.controller.replicas import Joined, shard, start_references, start_rewards
 from keel.controller.rollout_pool import RolloutPool
 from keel.trajectory import Trajectories
 
 
-class RoleFailed(RuntimeError):
+class RoleError(RuntimeError):
+    """An error that ends the controller, with the role and the kind of error it counts as
+    (`keel.controller.errors`)."""
+
+    def __init__(self, message: str, role: str = "run", kind: str = "exhausted"):
+        super().__init__(message)
+        self.role = role
+        self.kind = kind
+
+
+class RoleFailed(RoleError):
     """A role that did not recover within its budget: names the role and the step. The run can
     start again from its latest checkpoint (controller.max_restarts)."""
 
 
-class RoleOutage(RuntimeError):
+class RoleOutage(RoleError):
     """A service the run depends on (the reward server) stayed unreachable past its budget: the run
     stops at the step boundary with a checkpoint, and can be resumed once the service is back."""
 
@@ -75,7 +87,11 @@ def gather(calls: list[tuple[str, object]], what: str, step: int | None, timeout
         ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
         if not ready:
             late = ", ".join(who[r] for r in pending)
-            raise RoleFailed(f"{late}: {what} {at_step(step)} gave no answer within {setting} ({timeout_s:g}s)")
+            raise RoleFailed(
+                f"{late}: {what} {at_step(step)} gave no answer within {setting} ({timeout_s:g}s)",
+                role_of(who[pending[0]]),
+                "timeout",
+            )
         for ref in ready:
             err = _error_unless_lost(ref, who[ref], what, step)
             if err is not None:
@@ -95,7 +111,8 @@ def _error_unless_lost(ref, who: str, what: str, step: int | None) -> Exception 
         ray.get(ref)
     except Exception as err:
         if actor_lost(err):
-            raise RoleFailed(f"{who}: lost during {what} {at_step(step)} ({type(err).__name__})") from err
+            message = f"{who}: lost during {what} {at_step(step)} ({type(err).__name__})"
+            raise RoleFailed(message, role_of(who), "lost") from err
         return err
     return None
 
@@ -105,9 +122,12 @@ class StatelessRole:
     batch. Ray starts a lost actor again (they are created with max_restarts); a call that finds
     its actor lost or gets no answer in time is sent again once the actor is back."""
 
-    def __init__(self, name: str, actors: list, cfg, max_attempts: int = 3, log=print):
+    def __init__(
+        self, name: str, actors: list, cfg, max_attempts: int = 3, log=print, errors: ErrorTally | None = None
+    ):
         self.name = name  # "reward", "reference"
         self.actors = actors
+        self.errors = errors if errors is not None else ErrorTally()
         self.timeout_s = cfg.score_timeout_s
         self.start_timeout_s = cfg.start_timeout_s
         self.max_attempts = max_attempts
@@ -131,20 +151,22 @@ class StatelessRole:
                     self.latencies.append(time.perf_counter() - start)
                 return result
             except GetTimeoutError:
-                why = f"gave no answer within controller.score_timeout_s ({self.timeout_s:g}s)"
+                why, kind = f"gave no answer within controller.score_timeout_s ({self.timeout_s:g}s)", "timeout"
                 ray.kill(actor, no_restart=False)  # Ray starts it again
             except Exception as err:
                 if not actor_lost(err):
                     raise
-                why = f"lost ({type(err).__name__})"
+                why, kind = f"lost ({type(err).__name__})", "lost"
             if attempt == self.max_attempts:
                 break
+            self.errors.add(self.name, kind)
             with self._lock:
                 self.restarts += 1
             self.log(f"{self.name} actor {index} {why} {at_step(step)}: started again, call sent again")
             self._wait_back(actor, index, step)
         raise RoleFailed(
-            f"{self.name} actor {index}: {method} failed {self.max_attempts} times {at_step(step)} ({why})"
+            f"{self.name} actor {index}: {method} failed {self.max_attempts} times {at_step(step)} ({why})",
+            self.name,
         )
 
     def _wait_back(self, actor, index: int, step: int | None) -> None:
@@ -159,7 +181,9 @@ class StatelessRole:
                 if time.monotonic() >= deadline:
                     raise RoleFailed(
                         f"{self.name} actor {index}: not back within controller.start_timeout_s "
-                        f"({self.start_timeout_s:g}s) {at_step(step)} ({type(err).__name__})"
+                        f"({self.start_timeout_s:g}s) {at_step(step)} ({type(err).__name__})",
+                        self.name,
+                        "timeout",
                     ) from err
                 time.sleep(0.5)
 
@@ -182,16 +206,17 @@ class StatelessRole:
 class Supervisor:
     """Starts every role (see the module docstring) and supervises the calls a step makes."""
 
-    def __init__(self, cfg: RunConfig, log=print, max_attempts: int = 3):
+    def __init__(self, cfg: RunConfig, log=print, max_attempts: int = 3, errors: ErrorTally | None = None):
         self.cfg = cfg
         self.timeouts = cfg.controller
         self.max_attempts = max_attempts
         self.log = log
+        self.errors = errors if errors is not None else ErrorTally()  # by role and kind (keel.controller.errors)
         self.groups: dict = {}
         self.pool: RolloutPool | None = None  # the rollout workers and their placement bundles
         self.learners: list = []
         self.reward: StatelessRole | None = None  # the job's reward actors (none with an external server)
-        self.reference: StatelessRole | None = None
+        self.reference: StatelessRole | LearnerReference | None = None  # LearnerReference with model.lora
         self.restarts = 0  # rollout workers replaced over the run
         self._replaced: dict[str, object] = {}  # actor id of a replaced worker -> its replacement
 
@@ -215,12 +240,16 @@ class Supervisor:
             largest_batch,
         )
         if rewards:
-            self.reward = StatelessRole("reward", rewards, cfg.controller, self.max_attempts, self.log)
-        if cfg.reference.enabled:
+            self.reward = StatelessRole("reward", rewards, cfg.controller, self.max_attempts, self.log, self.errors)
+        if reference_on_learner(cfg):  # model.lora: the policy with its adapter off, on the learner ranks
+            self.reference = LearnerReference(self)
+        elif cfg.reference.enabled:
             group = self.groups["reference"]
             envs = [self.threads(cfg.reference.resources, group, i) for i in range(cfg.reference.replicas)]
             references = start_references(cfg, group, envs, logprob_temperature)
-            self.reference = StatelessRole("reference", references, cfg.controller, self.max_attempts, self.log)
+            self.reference = StatelessRole(
+                "reference", references, cfg.controller, self.max_attempts, self.log, self.errors
+            )
         world = cfg.learner.replicas
         # rank 0's node, reachable from the others
         master_addr, port = rendezvous(self.groups["learner"], 0, cfg.controller.placement_timeout_s)
@@ -297,7 +326,7 @@ class Supervisor:
         while pending:
             wait_s = max(0.0, min(deadline[i] for i in pending) - time.monotonic())
             ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=wait_s)
-            failed: list[tuple[int, str]] = []
+            failed: list[tuple[int, str, str]] = []  # (chunk, why, kind)
             for i, ref in list(pending.items()):
                 if ref in ready:
                     del pending[i]
@@ -306,15 +335,17 @@ class Supervisor:
                     except Exception as err:
                         if not actor_lost(err):
                             raise
-                        failed.append((i, f"lost ({type(err).__name__})"))
+                        failed.append((i, f"lost ({type(err).__name__})", "lost"))
                 elif time.monotonic() >= deadline[i]:
                     del pending[i]
-                    failed.append((i, f"gave no answer within controller.rollout_timeout_s ({timeout_s:g}s)"))
-            for i, why in failed:
+                    why = f"gave no answer within controller.rollout_timeout_s ({timeout_s:g}s)"
+                    failed.append((i, why, "timeout"))
+            for i, why, kind in failed:
                 if attempts[i] >= self.max_attempts:
                     raise RoleFailed(
-                        f"rollout: chunk {i} of step {step} failed {attempts[i]} times (last: worker {why})"
+                        f"rollout: chunk {i} of step {step} failed {attempts[i]} times (last: worker {why})", "rollout"
                     )
+                self.errors.add("rollout", kind)
                 flight.workers[i] = self.replace(flight.workers[i], channels, version, why)
                 pending[i] = rollout.dispatch(flight.workers[i], flight.chunks[i], flight.seed, i)
                 deadline[i] = time.monotonic() + timeout_s
@@ -324,11 +355,17 @@ class Supervisor:
     def publish(self, channels, version: int) -> dict[str, float]:
         """Weights `version` to every rollout worker; one that is gone or hung is replaced by a new
         worker loaded with those weights. Returns the weight channel's metrics."""
-        metrics, lost = channels.weights.publish(
-            self.learners, self.pool.workers, version, self.timeouts.weight_sync_timeout_s, step=version - 1
+        workers = list(self.pool.workers)
+        metrics, answers = channels.weights.publish(
+            self.learners, workers, version, self.timeouts.weight_sync_timeout_s, step=version - 1
         )
-        for worker in lost:
-            self.replace(worker, channels, version, "lost during the weight update")
+        for worker, answer in zip(workers, answers, strict=True):
+            if answer in ("lost", "timeout"):
+                self.errors.add("rollout", answer)
+                why = "lost during" if answer == "lost" else "gave no answer to"
+                self.replace(worker, channels, version, f"{why} the weight update")
+            else:
+                self.pool.serving(worker, answer)
         return metrics
 
     def replace(self, worker, channels, version: int, why: str):
@@ -343,11 +380,14 @@ class Supervisor:
         self.log(f"rollout worker {why}: replaced (restart {self.restarts}); its prompts go to the new one")
         return new
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict:
+        """Restarts and errors so far, the rollout workers and the weight version each serves (a dict,
+        which stays in metrics.jsonl: trackers take numbers only)."""
         out = {"rollout/restarts": float(self.restarts), "rollout/workers": float(len(self.pool.workers))}
         for role in filter(None, (self.reward, self.reference)):
             out[f"{role.name}/restarts"] = float(role.restarts)
-        return out
+        out["rollout/weight_versions"] = self.pool.weight_versions()
+        return out | self.errors.metrics()
 
     # ------------------------------------------------------------------ stop
 

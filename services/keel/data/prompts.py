@@ -10,9 +10,18 @@ import random
 from dataclasses import dataclass, field
 
 from keel.config import DataConfig
-from keel.data.rows import DataError, read_rows
+from keel.data.rows import DataError, Row, read_rows
 
-__all__ = ["DataError", "Prompt", "PromptSampler", "PromptSet", "encode_prompt", "load_prompts"]
+__all__ = [
+    "DataError",
+    "Prompt",
+    "PromptSampler",
+    "PromptSet",
+    "encode_prompt",
+    "load_prompts",
+    "prompt_texts",
+    "row_prompt_id",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,19 @@ def encode_prompt(tokenizer, text: str, apply_chat_template: bool) -> tuple[str,
     return text, tokenizer(text, add_special_tokens=True).input_ids
 
 
+def row_prompt_id(cfg: DataConfig, row: Row, index: int) -> str:
+    """The prompt id of row `index` of the prompt file: its data.id_field, or its row number."""
+    if cfg.id_field and cfg.id_field not in row.fields:
+        raise DataError(f"{row.where}: missing id field {cfg.id_field!r}")
+    return str(row.fields[cfg.id_field]) if cfg.id_field else str(index)
+
+
+def prompt_texts(cfg: DataConfig) -> dict[str, str]:
+    """Each prompt's text as the prompt file has it (no chat template, no truncation), by prompt id."""
+    rows = read_rows(cfg.prompts, cfg.format)
+    return {row_prompt_id(cfg, row, i): row.text(cfg.prompt_field) for i, row in enumerate(rows)}
+
+
 def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int, path: str | None = None) -> PromptSet:
     """Read `path` (default cfg.prompts), check every row, tokenise, apply the over-long policy."""
     path = path or cfg.prompts
@@ -54,9 +76,7 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int, path: str |
             if name not in row.fields:
                 raise DataError(f"{row.where}: missing metadata field {name!r}")
             metadata[name] = str(row.fields[name])
-        if cfg.id_field and cfg.id_field not in row.fields:
-            raise DataError(f"{row.where}: missing id field {cfg.id_field!r}")
-        prompt_id = str(row.fields[cfg.id_field]) if cfg.id_field else str(i)
+        prompt_id = row_prompt_id(cfg, row, i)
         if prompt_id in seen:
             # samples are grouped, deduplicated and accounted for by prompt id: two prompts must not share one
             raise DataError(f"{row.where}: prompt id {prompt_id!r} is already used by {seen[prompt_id]}")

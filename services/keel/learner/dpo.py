@@ -1,7 +1,9 @@
 """`keel dpo`: direct preference optimisation (DPO, IPO, conservative DPO) against a frozen reference.
 
 The reference's log-probs of every pair are computed once, before training (each rank scores a
-share and the shares are summed over ranks), and kept; the reference model is then freed.
+share and the shares are summed over ranks), and kept; the reference model is then freed. With
+model.lora the reference is the policy with its adapter off, i.e. model.path itself: the model
+loaded to score the pairs is the one the adapters then wrap, so it is loaded once.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class DPOTrainer(OfflineTrainer):
         return out[0].tolist(), out[1].tolist()
 
     def build_model(self):
-        self.__dict__.pop("_reference", None)  # every pair is scored: free the reference
+        reference = self.__dict__.pop("_reference", None)  # every pair is scored: free the reference
         m = self.cfg.model
+        if m.lora is not None and reference is not None:  # model.path: the base the adapters wrap
+            return reference
         return load_causal_lm(m.path, m.dtype, m.trust_remote_code)
 
     def units(self, item: ScoredPair) -> int:

@@ -45,10 +45,12 @@ from keel.learner.metrics import UpdateMetrics
 from keel.models.loading import (
     DTYPES,
     ValueModel,
+    apply_lora,
     compute_precision,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    parameter_counts,
     response_logits,
 )
 from keel.trajectory import Trajectories
@@ -193,6 +195,14 @@ class Learner:
         disable_dropout(policy)
         if learner.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+        # model.lora: only the adapters train (and go to the optimizer); with them off the policy is the
+        # reference, and a weight sync sends only them
+        self.lora = model.lora is not None
+        if self.lora:
+            if plan.use_critic:
+                raise ValueError("model.lora trains no critic: use a critic-free estimator")
+            policy = apply_lora(policy, model.lora)
+        self.params = parameter_counts(policy)
         self.policy = self._engine(policy, learner, learner.optimizer)
         self.critic = None
         if plan.use_critic:
@@ -244,6 +254,17 @@ class Learner:
         rmask = mine.response_mask.float()
         old = torch.cat(logps) * rmask if logprobs else None
         return old, (torch.cat(values) * rmask if self.critic is not None else None)
+
+    @torch.no_grad()
+    def reference_logprobs(self, traj: Trajectories) -> torch.Tensor | None:
+        """This rank's share of log pi_ref(a_t), (b, R), 0 on padding: the policy with its LoRA adapter
+        off (model.lora), so no second copy of the weights exists. The same rows and forward passes as
+        `old_logprobs_and_values`: at step 0 (lora_B = 0) the two agree exactly, and the KL is 0."""
+        if not self.lora:
+            raise RuntimeError("the learner is the reference only with model.lora (its adapter off)")
+        with self.policy.module.disable_adapter():
+            logprobs, _ = self.old_logprobs_and_values(traj)
+        return logprobs
 
     def _forward_part(self, part: Trajectories, P: int, logprobs: bool) -> tuple[torch.Tensor | None, ...]:
         ids, mask = part.input_ids.to(self.device), part.attention_mask.to(self.device)
@@ -327,6 +348,8 @@ class Learner:
                 stats.add({"policy/lr": self.policy.get_lr()[0]})
         self.version += 1
         out = stats.reduce(self.world_size)
+        if self.lora:
+            out.update(self.params)
         if a.kl.placement == "loss":
             out["kl/coef"] = kl_coef
         out["time/update_s"] = time.perf_counter() - t0
@@ -387,13 +410,22 @@ class Learner:
     # ------------------------------------------------------------------ weights out
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """Full policy weights under HF names, on CPU (gathered from ZeRO-3 shards when needed)."""
+        """Full policy weights under HF names, on CPU (gathered from ZeRO-3 shards when needed); with
+        model.lora, those of the merged model (W0 + scale * B @ A)."""
+        if self.lora:
+            from keel.models.lora import merged_state
+
+            return merged_state(self.policy.module)
         return full_state_dict(self.policy)
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Rank 0's full policy weights as the rollout takes them (floating tensors in
-        plan.weights_dtype); None on other ranks. Every rank must call it: under ZeRO-3 gathering
-        the shards is a collective."""
+        """Rank 0's policy as the rollout takes it: the full weights (floating tensors in
+        plan.weights_dtype), or with model.lora only the adapters (keel.models.lora); None on other
+        ranks. Every rank must call it: under ZeRO-3 gathering the shards is a collective."""
+        if self.lora:
+            from keel.models.lora import adapter_state
+
+            return adapter_state(self.policy.module, DTYPES[self.model_cfg.dtype]) if self.rank == 0 else None
         state = self.policy_state()
         if self.rank != 0:
             return None
@@ -402,15 +434,19 @@ class Learner:
 
     def export_shared(self, version: int):
         """The policy written as `version` into rank 0's shared-memory buffer for the rollout workers
-        on its node (keel.transport.shm), floating tensors in plan.weights_dtype; returns its handle
-        (None on other ranks). Read straight from the parameters: no copy before the write. Every
-        rank must call it: under ZeRO-3 gathering the shards is a collective."""
+        on its node (keel.transport.shm), floating tensors in plan.weights_dtype (with model.lora: only
+        the adapters, as `export_weights`); returns its handle (None on other ranks). Read straight from
+        the parameters: no copy before the write. Every rank must call it: under ZeRO-3 gathering the
+        shards is a collective."""
         import ray
 
         from keel.transport.shm import SharedWeights
 
         if self.rank == 0 and self._shared is None:
             self._shared = SharedWeights(ray.get_runtime_context().get_node_id())
+        if self.lora:
+            state = self.export_weights()
+            return None if state is None else self._shared.write(version, state, None)
         with whole_params(self.policy) as module:
             if self.rank != 0:
                 return None
@@ -467,9 +503,16 @@ class Learner:
             self._publisher = None
 
     def save_hf(self, out_dir: str | Path) -> Path:
-        """HF-format policy (save_pretrained + tokenizer) at `out_dir`; written by rank 0 only."""
-        state = self.policy_state()
+        """HF-format policy (save_pretrained + tokenizer) at `out_dir`; written by rank 0 only. With
+        model.lora: the PEFT adapter at `out_dir` and the merged model in `out_dir`/merged."""
         out = Path(out_dir)
+        if self.lora:
+            from keel.models.lora import save_adapter_and_merged
+
+            if self.rank == 0:
+                save_adapter_and_merged(self.policy.module, out, self.tokenizer)
+            return out
+        state = self.policy_state()
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             self.policy.module.save_pretrained(out, state_dict=state, safe_serialization=True)
@@ -524,14 +567,21 @@ def step_engine(engine, key: str) -> dict[str, float]:
 def save_engine(engine, directory: Path) -> None:
     """Every rank's DeepSpeed state of `engine` (module, optimizer, LR schedule; ZeRO shards per
     rank) under `directory`. A collective: every rank calls it with the same directory, which must
-    be shared storage when ranks are on several nodes."""
-    engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+    be shared storage when ranks are on several nodes. Frozen parameters (a LoRA base) are left out:
+    they are the checkpoint the run started from."""
+    engine.save_checkpoint(str(directory), tag="ds", save_latest=False, exclude_frozen_parameters=True)
 
 
 def load_engine(engine, directory: Path) -> None:
-    """Restore what `save_engine` wrote, optimizer and LR schedule included (a collective)."""
+    """Restore what `save_engine` wrote, optimizer and LR schedule included (a collective). With
+    frozen parameters the module's state is partial: they keep what the model was loaded with."""
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
     path, _ = engine.load_checkpoint(
-        str(directory), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+        str(directory),
+        tag="ds",
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=not frozen,
     )
     if path is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint to load")

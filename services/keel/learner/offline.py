@@ -51,7 +51,7 @@ from keel.learner.learner import (
     set_rng_state,
     step_engine,
 )
-from keel.models.loading import load_tokenizer
+from keel.models.loading import apply_lora, load_tokenizer, parameter_counts
 from keel.telemetry.console import NO_PROGRESS
 from keel.telemetry.sinks import open_sinks
 
@@ -87,6 +87,11 @@ class OfflineTrainer(ABC):
             module = self.build_model()
         if cfg.trainer.gradient_checkpointing:
             module.gradient_checkpointing_enable()
+        # model.lora: only the adapters train (and go to the optimizer); the output is adapter + merged model
+        self.lora = cfg.model.lora is not None
+        if self.lora:
+            module = apply_lora(module, cfg.model.lora)
+        self.params = parameter_counts(module) if self.lora else {}
         trainer = cfg.trainer
         self.engine = make_engine(
             module, trainer, trainer.optimizer, cfg.model.dtype, self.world, batch, self.total_steps
@@ -215,6 +220,7 @@ class OfflineTrainer(ABC):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         out = {k: v / max(total, 1) for k, v in self._reduce(sums).items()}
+        out.update(self.params)
         out[f"{self.kind}/lr"] = self.engine.get_lr()[0]
         out["time/step_s"] = time.perf_counter() - t0
         return {**out, **extra}
@@ -248,7 +254,14 @@ class OfflineTrainer(ABC):
         return dict(zip(keys, t.tolist(), strict=True))
 
     def save(self, out: Path) -> None:
-        """The trained model in HF format (with the tokenizer) at `out`, written by rank 0."""
+        """The trained model in HF format (with the tokenizer) at `out`, written by rank 0. With
+        model.lora: the PEFT adapter at `out` and the merged model in `out`/merged."""
+        if self.lora:
+            from keel.models.lora import save_adapter_and_merged
+
+            if self.rank == 0:
+                save_adapter_and_merged(self.engine.module, out, self.tokenizer)
+            return
         state = full_state_dict(self.engine)  # a collective under ZeRO-3
         if self.rank == 0:
             self.engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)

@@ -33,6 +33,64 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
+def apply_lora(model: nn.Module, cfg) -> nn.Module:
+    """`model` wrapped in PEFT LoRA adapters as `cfg` (keel.config.LoraConfig) says; returns the PeftModel.
+
+    Only the adapters require grad. lora_B starts at zero, so the wrapped model computes exactly what
+    `model` did, and with its adapter off (`with peft_model.disable_adapter():`) it stays the base
+    model. Every adapted layer must be an nn.Linear without fan-in/fan-out transposition: a rollout
+    worker merges W = W0 + scale * B @ A into exactly such weights (keel.models.lora).
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    if getattr(model, "is_gradient_checkpointing", False):
+        # reentrant checkpointing backpropagates only into blocks whose input requires grad, and the
+        # frozen embeddings' output does not: the adapters would get no gradient
+        model.enable_input_require_grads()
+    peft_cfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    peft_model = get_peft_model(model, peft_cfg)
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and (not isinstance(module, LoraLinear) or module.fan_in_fan_out):
+            raise ValueError(
+                f"model.lora.target_modules: {name} ({type(module.get_base_layer()).__name__}) is not a Linear "
+                "layer; LoRA here adapts nn.Linear layers only"
+            )
+    return peft_model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters of a model (as metrics: params/trainable, params/total)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/trainable": float(trainable), "params/total": float(sum(p.numel() for p in model.parameters()))}
+
+
+def checkpoint_tensors(path: str, names: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors `names` of the HF safetensors checkpoint at `path` (every *.safetensors file in it),
+    floating ones cast to `dtype` as from_pretrained casts them. Raises KeyError naming a missing one."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in names & set(f.keys()):
+                t = f.get_tensor(name)
+                out[name] = t.to(dtype) if t.is_floating_point() else t
+    missing = sorted(names - set(out))
+    if missing:
+        raise KeyError(f"{path}: no tensor {missing[0]!r} in its *.safetensors files ({len(missing)} missing)")
+    return out
+
+
 def compute_precision(precision: str, device: torch.device):
     """The context a forward pass runs in: bfloat16 autocast for precision `mixed` (the weights stay
     in their own dtype; backward runs outside it), nothing for `full`."""

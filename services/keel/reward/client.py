@@ -63,6 +63,31 @@ class RewardClient(GrpcClient, Scorer):
         metadata: list[dict[str, str]] | None = None,
         ids: list[str] | None = None,
     ) -> torch.Tensor:
+        """(B,) the server's scores: its sources combined over this request."""
+        reply = self._call(prompts, responses, metadata, ids)
+        return torch.tensor(list(reply.scores), dtype=torch.float32)
+
+    def score_sources(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        metadata: list[dict[str, str]] | None = None,
+        ids: list[str] | None = None,
+    ) -> torch.Tensor:
+        """(B, S) each of the server's sources' raw scores, in its source order; a server that sends no
+        per-source scores counts as one source, its scores."""
+        reply = self._call(prompts, responses, metadata, ids)
+        if not reply.sources:
+            return torch.tensor(list(reply.scores), dtype=torch.float32)[:, None]
+        for source in reply.sources:
+            if len(source.scores) != len(prompts):
+                raise RewardError(
+                    f"reward server {self.address}: source {source.name}: {len(source.scores)} scores for "
+                    f"{len(prompts)} samples"
+                )
+        return torch.tensor([list(s.scores) for s in reply.sources], dtype=torch.float32).T
+
+    def _call(self, prompts, responses, metadata, ids) -> reward_pb2.ScoreResponse:
         metadata, ids = fill_defaults(prompts, metadata, ids)
         request = reward_pb2.ScoreRequest(
             request_id=uuid.uuid4().hex,
@@ -87,4 +112,4 @@ class RewardClient(GrpcClient, Scorer):
         if len(reply.scores) != len(prompts):
             raise RewardError(f"reward server {self.address}: {len(reply.scores)} scores for {len(prompts)} samples")
         self.scorer = reply.scorer
-        return torch.tensor(list(reply.scores), dtype=torch.float32)
+        return reply

@@ -1,4 +1,5 @@
-"""Rule rewards a person can check, usable as `reward.source.function` in a run config.
+"""Rule rewards a person can check, usable as a function source (`reward.source` or an entry of
+`reward.sources`) in a run config.
 
 A reward function has the signature
 
@@ -46,3 +47,14 @@ def arithmetic_exact(
             raise ValueError(f"sample {i}: arithmetic metric needs metadata field 'answer'")
         out.append(1.0 if response.strip() == meta["answer"].strip() else 0.0)
     return out
+
+
+def length_penalty(
+    prompts: list[str], responses: list[str], metadata: list[dict[str, str]], max_chars: int = 8, **_: object
+) -> list[float]:
+    """-min(len(response), max_chars) / max_chars: 0 for an empty response, -1 for one of max_chars
+    characters or more. A source to weigh against correctness (`reward.sources`), so that a policy
+    learns to stop after its answer; it counts characters because a reward function sees text."""
+    if max_chars < 1:
+        raise ValueError(f"length_penalty: max_chars must be >= 1, got {max_chars}")
+    return [-min(len(r), max_chars) / max_chars for r in responses]

@@ -3,12 +3,14 @@
 Requests from concurrent callers are batched dynamically: the batcher takes whatever is
 queued, up to `max_batch_size` samples, waiting at most `max_wait_ms` for more, scores the
 lot in one call on a scoring thread (so the event loop keeps accepting calls), and hands each
-caller its slice. Callers are isolated: when a grouped call fails, each request is scored again
-on its own, so one caller's bad sample fails that caller alone (INVALID_ARGUMENT naming its
-sample) and never shows another caller's ids. Concurrency is bounded by the server
-(RESOURCE_EXHAUSTED past `max_concurrency` in-flight calls). SIGTERM marks the server
-NOT_SERVING, lets in-flight requests finish within `grace_s`, then exits, even when the scorer
-never returns.
+caller its slice: each source's raw scores, which are combined (`keel.reward.combine`) per
+request, so that a source's whitening never mixes callers. The reply holds the combined scores
+and each source's raw ones (a job combines those over its whole batch). Callers are isolated:
+when a grouped call fails, each request is scored again on its own, so one caller's bad sample
+fails that caller alone (INVALID_ARGUMENT naming its sample) and never shows another caller's
+ids. Concurrency is bounded by the server (RESOURCE_EXHAUSTED past `max_concurrency` in-flight
+calls). SIGTERM marks the server NOT_SERVING, lets in-flight requests finish within `grace_s`,
+then exits, even when the scorer never returns.
 
 `RewardServer` is the server itself (its coroutines run on one event loop); `start_reward_server`
 runs one on a background thread for in-process use (the job's own reward role, tests, benchmarks).
@@ -26,9 +28,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
+import torch
 from pydantic import Field
 
-from keel.config import GrpcConfig, RewardConfig, Section
+from keel.config import GrpcConfig, RewardConfig, Section, reward_sources, source_name
+from keel.reward.combine import combine
 from keel.reward.model import RewardError, RewardModel
 from keel.transport.pb import reward_pb2, reward_pb2_grpc
 
@@ -121,7 +125,8 @@ class DynamicBatcher:
         self._thread = ScoringThread()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def score(self, prompts, responses, metadata, ids) -> list[float]:
+    async def score(self, prompts, responses, metadata, ids) -> list[list[float]]:
+        """Each sample's row of source scores (the model's `score_sources`), in request order."""
         job = _Job(prompts, responses, metadata, ids, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
         return await job.future
@@ -180,8 +185,8 @@ class DynamicBatcher:
         self.batches += 1
         if self.exporter is not None:
             self.exporter.batch_size.observe(len(prompts))
-        future = self._thread.submit(self.model.score, prompts, responses, metadata, ids)
-        return (await asyncio.wrap_future(future)).tolist()
+        future = self._thread.submit(self.model.score_sources, prompts, responses, metadata, ids)
+        return (await asyncio.wrap_future(future)).tolist()  # one row of S source scores per sample
 
     async def _score(self, jobs: list[_Job]) -> None:
         jobs = [j for j in jobs if not j.future.done()]  # a caller whose deadline passed is gone
@@ -250,10 +255,12 @@ def _fail(jobs: list[_Job], err: Exception) -> None:
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, batcher: DynamicBatcher, scorer_name: str, max_samples: int):
+    def __init__(self, batcher: DynamicBatcher, scorer_name: str, max_samples: int, reward: RewardConfig):
         self.batcher = batcher
         self.scorer_name = scorer_name
         self.max_samples = max_samples
+        self.reward = reward  # how the sources combine
+        self.names = [source_name(s) for s in reward_sources(reward)]
 
     async def Score(self, request, context):
         exporter, start = self.batcher.exporter, time.perf_counter()
@@ -282,19 +289,27 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         ids = [s.sample_id or str(i) for i, s in enumerate(request.samples)]
         error = None
         try:
-            scores = await self.batcher.score(
+            raw = await self.batcher.score(
                 [s.prompt for s in request.samples],
                 [s.response for s in request.samples],
                 [dict(s.metadata) for s in request.samples],
                 ids,
             )
+            raw = torch.tensor(raw, dtype=torch.float32).reshape(len(ids), len(self.names))  # (B, S)
+            scores = combine(raw, self.reward, ids).scores.tolist()
         except RewardError as err:
             error = (grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Exception as err:  # noqa: BLE001 - the caller sees why, the server keeps serving
             error = (grpc.StatusCode.INTERNAL, f"reward {self.scorer_name} failed: {err}")
         if error is not None:
             await context.abort(*error)
-        return reward_pb2.ScoreResponse(request_id=request.request_id, scores=scores, scorer=self.scorer_name)
+        sources = [
+            reward_pb2.SourceScores(name=name, scores=column)
+            for name, column in zip(self.names, raw.T.tolist(), strict=True)
+        ]
+        return reward_pb2.ScoreResponse(
+            request_id=request.request_id, scores=scores, scorer=self.scorer_name, sources=sources
+        )
 
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -320,7 +335,7 @@ class RewardServer:
         from keel.transport.security import add_servicer, make_aio_server
 
         cfg = self.cfg
-        model = RewardModel(cfg.reward)
+        model = RewardModel(cfg.reward, cfg.grpc)
         self.batcher = DynamicBatcher(model, cfg.max_batch_size, cfg.max_wait_ms)
         if cfg.metrics_port is not None:
             from keel.telemetry.prometheus import RewardServerExporter
@@ -328,7 +343,7 @@ class RewardServer:
             self.batcher.exporter = RewardServerExporter(cfg.grpc.host, cfg.metrics_port)
             self.metrics_port = self.batcher.exporter.port
         self._server, self.port = make_aio_server(cfg.grpc, cfg.port, max_concurrency=cfg.max_concurrency)
-        servicer = RewardServicer(self.batcher, model.name, cfg.max_request_samples)
+        servicer = RewardServicer(self.batcher, model.name, cfg.max_request_samples, cfg.reward)
         add_servicer(self._server, reward_pb2.DESCRIPTOR.services_by_name["RewardService"], servicer)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

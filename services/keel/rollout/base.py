@@ -32,7 +32,13 @@ class Generator(ABC):
 
     @abstractmethod
     def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Replace the weights (HF checkpoint names). Callers validate first: this must not fail halfway."""
+        """Replace these weights (HF checkpoint names): all of them, or the part `load_group` makes whole;
+        the others keep theirs. Callers validate first: this must not fail halfway."""
+
+    def load_group(self, names: set[str]) -> set[str]:
+        """The weights a partial `load_weights` of `names` must carry: `names` and whatever the backend
+        loads together with one of them (vLLM fuses q/k/v and gate/up into one layer each)."""
+        return set(names)
 
     @abstractmethod
     def weight_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

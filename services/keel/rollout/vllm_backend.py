@@ -22,9 +22,25 @@ from keel.rollout.base import Generator, Sample
 class WeightReloadExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
 
-    def keel_reload_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        self.model_runner.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
+    def keel_reload_weights(self, named_tensors: list[tuple[str, torch.Tensor]], partial: bool = False) -> int:
+        import logging
+
+        # A partial reload (LoRA's merged layers) leaves every other layer as it is, and vLLM warns about
+        # each of them ("Failed to load weights", "were not loaded"): quiet for the reload only.
+        loggers = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+        levels = [log.level for log in loggers]
+        for log in loggers if partial else []:
+            log.setLevel(logging.ERROR)
+        try:
+            self.model_runner.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)
         return len(named_tensors)
+
+    def keel_packed_modules(self) -> dict[str, list[str]]:
+        """vLLM layer -> the checkpoint layers fused into it ({"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...})."""
+        return dict(getattr(self.model_runner.get_model(), "packed_modules_mapping", {}))
 
 
 class VLLMGenerator(Generator):
@@ -53,9 +69,23 @@ class VLLMGenerator(Generator):
         return dict(self._specs)
 
     def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("keel_reload_weights", args=(named_tensors,))
+        partial = len(named_tensors) < len(self._specs)
+        self.llm.collective_rpc("keel_reload_weights", args=(named_tensors, partial))
         # Cached KV blocks were computed by the old weights.
         self.llm.reset_prefix_cache()
+
+    def load_group(self, names: set[str]) -> set[str]:
+        """vLLM reloads a fused layer whole (a part missing from the reload would be left uninitialised):
+        with q_proj, its k_proj and v_proj come too."""
+        packed = self.llm.collective_rpc("keel_packed_modules")[0]  # the same on every worker
+        group = set(names)
+        for name in names:
+            prefix, _, leaf = name.rpartition(".")  # model.layers.0.self_attn.q_proj . weight
+            parent, _, layer = prefix.rpartition(".")
+            for parts in packed.values():
+                if layer in parts:
+                    group |= {f"{parent}.{part}.{leaf}" for part in parts}
+        return group & set(self._specs)
 
     def close(self) -> None:
         """Shut the in-process engine down and free its memory; the generator serves no more."""

@@ -37,6 +37,8 @@ def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer, max_mo
 class RolloutWorker:
     """One rollout generator. The controller wraps it in a Ray actor; tests use it directly."""
 
+    adapter = None  # AdapterMerger (keel.rollout.adapter) with model.lora: syncs carry only the adapters
+
     def __init__(
         self, model: ModelConfig, rollout: RolloutConfig, max_model_len: int, seed: int, worker_id: str = "rollout-0"
     ):
@@ -52,6 +54,12 @@ class RolloutWorker:
         # checkpoint saved in another dtype is cast on load); a weight manifest must match it exactly
         wire = DTYPES[rollout_dtype(model, rollout)]
         self._wire_specs = {k: (shape, wire if dt.is_floating_point else dt) for k, (shape, dt) in self._specs.items()}
+        # model.lora: the learner sends only the adapters, merged here into the base of their layers
+        if model.lora is not None:
+            from keel.rollout.adapter import AdapterMerger
+
+            self.adapter = AdapterMerger(model, self._specs, self.generator, wire)
+            self._wire_specs = dict(self.adapter.specs)
         self._weights = None  # WeightClient, once connected
         self._pusher = None  # TrajectoryPusher, once connected
 
@@ -91,7 +99,9 @@ class RolloutWorker:
 
     def update_weights(self, state: dict, version: int) -> int:
         """Check the whole update, then apply it; on any problem raise and keep the old weights.
-        `state` is name -> tensor, or what keel.transport.objectstore.pack made of it.
+        `state` is name -> tensor, or what keel.transport.objectstore.pack made of it: the full
+        weights, or with model.lora the adapters (keel.models.lora), merged here into the base weights
+        of their layers, which alone are reloaded.
 
         Returns the new weight version.
         """
@@ -103,7 +113,12 @@ class RolloutWorker:
             raise WeightUpdateError(
                 f"{self.worker_id}: version {version} is not newer than the serving {self.weight_version}"
             )
-        check_weights(state, self._specs, self.worker_id)
+        check_weights(state, self._specs if self.adapter is None else self.adapter.specs, self.worker_id)
+        if self.adapter is not None:
+            state = self.adapter.merge(state)
+            for name, tensor in state.items():  # finite adapters can still overflow a 16-bit weight
+                if not all_finite(tensor):
+                    raise WeightUpdateError(f"{self.worker_id}: merged tensor {name!r} has non-finite values")
         self.generator.load_weights(list(state.items()))
         self.weight_version = version
         return version

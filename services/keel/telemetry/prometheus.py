@@ -7,8 +7,9 @@ The controller's, updated after every step:
   keel_samples_per_second, keel_step_seconds, keel_step_phase_seconds{phase},
   keel_rollout_staleness, keel_rollout_stale_dropped, keel_rollout_workers,
   keel_restarts{role} (rollout, reward, reference: actors replaced; run: whole-run restarts),
-  keel_reward_outage_seconds, and the histograms keel_weight_sync_seconds and
-  keel_reward_call_seconds (each reward call, per shard).
+  keel_errors{role,kind} (keel.controller.errors), keel_rollout_worker_weight_version{worker} (the
+  version each rollout worker serves; a worker gone is dropped), keel_reward_outage_seconds, and
+  the histograms keel_weight_sync_seconds and keel_reward_call_seconds (each reward call, per shard).
 The reward server's:
   keel_reward_requests_total{code}, keel_reward_request_seconds, keel_reward_batch_size,
   keel_reward_samples_total.
@@ -55,6 +56,19 @@ class RunExporter:
             "keel_step_phase_seconds", "Wall time of each phase of the last step.", ["phase"], registry=registry
         )
         self.restarts = Gauge("keel_restarts", "Restarts over the run, by role.", ["role"], registry=registry)
+        self.errors = Gauge(
+            "keel_errors",
+            "Errors over the run, by role and kind (lost, timeout, ...).",
+            ["role", "kind"],
+            registry=registry,
+        )
+        self.worker_versions = Gauge(
+            "keel_rollout_worker_weight_version",
+            "Weight version each rollout worker serves.",
+            ["worker"],
+            registry=registry,
+        )
+        self._workers: set[str] = set()
         self.weight_sync = Histogram(
             "keel_weight_sync_seconds",
             "Weight sync (publish to every rollout worker) per step.",
@@ -82,6 +96,16 @@ class RunExporter:
             if isinstance(m.get(key), int | float):
                 self.restarts.labels(role).set(m[key])
         self.restarts.labels("run").set(run_restarts)
+        for key, value in m.items():
+            if key.startswith("errors/") and isinstance(value, int | float):
+                _, role, kind = key.split("/", 2)
+                self.errors.labels(role, kind).set(value)
+        versions = m.get("rollout/weight_versions") or {}
+        for gone in self._workers - set(versions):
+            self.worker_versions.remove(gone)
+        for worker, version in versions.items():
+            self.worker_versions.labels(worker).set(version)
+        self._workers = set(versions)
         if isinstance(m.get("time/weight_sync"), int | float):
             self.weight_sync.observe(m["time/weight_sync"])
         for seconds in reward_calls:

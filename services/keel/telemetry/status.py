@@ -1,15 +1,19 @@
-"""`keel status RUN_DIR`: where a run stands, read from its run directory alone (it may be running,
-stopped, finished or dead; nothing needs to be up).
+"""`keel status RUN_DIR` and `keel status JOB`: where a run stands.
 
     demo-ppo: running, step 12/40 (30%), ETA 1m24s
       reward   +0.212  (+0.048 over the last 10 steps)    kl 0.0131    length 3.2
-      speed    21.4 samples/s, 3.0 s/step    rollout workers 2 (1 replaced)
+      speed    21.4 samples/s, 3.0 s/step
+      rollout  2 workers (1 replaced): rollout-0 v12, rollout-2 v12
+      errors   rollout lost 1, reward unavailable 3
       eval     after step 10: reward +0.230  task 0.410
       checkpoint step-000010 (2m ago)
       error    learner rank 1: lost during update at step 7 (...)   <- the last error, when the run died
 
-From config.yaml (the total of steps), metrics.jsonl, checkpoints/ and error.txt (written by
-`keel train` when it ends with an error, removed when it starts again).
+A run directory's status is read from its files alone (the run may be running, stopped, finished
+or dead; nothing needs to be up): config.yaml (the total of steps), metrics.jsonl, checkpoints/ and
+error.txt (written by `keel train` when it ends with an error, removed when it starts again). A
+running job's comes from its controller, which reports the same summary of its metrics to the
+job's control actor after every step (`summarize`).
 """
 
 from __future__ import annotations
@@ -43,11 +47,22 @@ def run_status(run_dir: Path, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     cfg = yaml.safe_load(config.read_text()) if config.is_file() else {}
     lines = read_metrics(metrics) if metrics.is_file() else []
+    total = (cfg.get("controller") or {}).get("steps")
+    error = run_dir / ERROR_FILE
+    error_text = error.read_text().strip() if error.is_file() else None
+    info = summarize(cfg.get("name", run_dir.name), total, lines, latest_checkpoint(run_dir, now), error_text)
+    info["state"] = _state(info, metrics, now)
+    return info
+
+
+def summarize(name: str, total: int | None, lines: list[dict], checkpoint: dict | None, error: str | None) -> dict:
+    """The status of a run from its metrics lines (all of them, or at least the last ten steps and the
+    last evaluation), its latest checkpoint (`latest_checkpoint`) and the error it ended with; no
+    `state`, which the caller knows."""
     steps = [m for m in lines if "reward_mean" in m]
     evals = [m for m in lines if any(k.startswith("eval/") for k in m)]
-    total = (cfg.get("controller") or {}).get("steps")
     done = steps[-1]["step"] + 1 if steps else 0
-    info: dict = {"name": cfg.get("name", run_dir.name), "done": done, "total": total}
+    info: dict = {"name": name, "done": done, "total": total}
     if steps:
         last, recent = steps[-1], steps[-10:]
         info |= {
@@ -61,15 +76,15 @@ def run_status(run_dir: Path, now: float | None = None) -> dict:
             "workers": last.get("rollout/workers"),
             "replaced": last.get("rollout/restarts"),
             "run_restarts": last.get("run/restarts"),
+            "weight_versions": last.get("rollout/weight_versions"),
+            "errors": {k.removeprefix("errors/"): v for k, v in last.items() if k.startswith("errors/")},
         }
         if total and info["step_time"]:
             info["eta_s"] = max(0, total - done) * info["step_time"]
     if evals:
         info["eval"] = evals[-1]
-    info["checkpoint"] = _latest_checkpoint(run_dir, now)
-    error = run_dir / ERROR_FILE
-    info["error"] = error.read_text().strip() if error.is_file() else None
-    info["state"] = _state(info, metrics, now)
+    info["checkpoint"] = checkpoint
+    info["error"] = error
     return info
 
 
@@ -78,14 +93,15 @@ def _mean(lines: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _latest_checkpoint(run_dir: Path, now: float) -> dict | None:
+def latest_checkpoint(run_dir: Path, now: float | None = None) -> dict | None:
+    """The run's latest checkpoint: name, step, finished and age (None: none yet)."""
     from keel.controller.checkpoint import STATE_FILE, CheckpointStore
 
     path = CheckpointStore(run_dir / "checkpoints", 1).latest()
     if path is None:
         return None
     state = CheckpointStore.read_state(path)
-    age = now - (path / STATE_FILE).stat().st_mtime
+    age = (time.time() if now is None else now) - (path / STATE_FILE).stat().st_mtime
     return {"name": path.name, "step": state["step"], "finished": state["finished"], "age_s": age}
 
 
@@ -125,13 +141,18 @@ def format_status(info: dict) -> str:
         speed = []
         if info.get("samples_per_s"):
             speed.append(f"{info['samples_per_s']:.1f} samples/s, {info['step_time']:.1f} s/step")
-        if info.get("workers") is not None:
-            replaced = f" ({info['replaced']:.0f} replaced)" if info.get("replaced") else ""
-            speed.append(f"rollout workers {info['workers']:.0f}{replaced}")
         if info.get("run_restarts"):
             speed.append(f"run restarted {info['run_restarts']:.0f}x")
         if speed:
             out.append("  speed    " + "    ".join(speed))
+        if info.get("workers") is not None:
+            replaced = f" ({info['replaced']:.0f} replaced)" if info.get("replaced") else ""
+            versions = info.get("weight_versions") or {}
+            serving = ": " + ", ".join(f"{w} v{v}" for w, v in versions.items()) if versions else ""
+            out.append(f"  rollout  {info['workers']:.0f} workers{replaced}{serving}")
+        if info.get("errors"):
+            counts = (f"{key.replace('/', ' ')} {n:.0f}" for key, n in info["errors"].items())
+            out.append("  errors   " + ", ".join(counts))
     if "eval" in info:
         m = info["eval"]
         task = f"  task {m['eval/task_metric']:.3f}" if "eval/task_metric" in m else ""

@@ -34,8 +34,8 @@ class DecodeError(ValueError):
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a contiguous CPU copy of `t` (bfloat16 included)."""
-    t = t.detach().contiguous().cpu()
+    """Raw little-endian bytes of a contiguous CPU copy of `t` (bfloat16 and 0-d tensors included)."""
+    t = t.detach().contiguous().cpu().reshape(-1)  # a 0-d tensor cannot be viewed as bytes
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 

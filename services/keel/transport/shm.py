@@ -62,8 +62,8 @@ class SharedWeights:
         self._map: mmap.mmap | None = None
         self._slots: tuple[TensorSlot, ...] = ()
 
-    def write(self, version: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> SharedHandle:
-        """Write `state` (floating tensors cast to `dtype`) as `version`; returns its handle."""
+    def write(self, version: int, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> SharedHandle:
+        """Write `state` (floating tensors cast to `dtype`; None: each in its own) as `version`; returns its handle."""
         slots = self._layout(state, dtype)
         header = memoryview(self._map)[: _HEADER.size]
         header[:] = _HEADER.pack(_MAGIC, -1)  # a reader that looks now finds no version
@@ -73,10 +73,10 @@ class SharedWeights:
         header[:] = _HEADER.pack(_MAGIC, version)
         return SharedHandle(self.node_id, os.getpid(), self.fd, self.size, version, slots)
 
-    def _layout(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[TensorSlot, ...]:
+    def _layout(self, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tuple[TensorSlot, ...]:
         slots, offset = [], _ALIGN
         for name, t in state.items():
-            dt = dtype if t.is_floating_point() else t.dtype
+            dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
             nbytes = t.numel() * dt.itemsize
             slots.append(TensorSlot(name, str(dt).removeprefix("torch."), tuple(t.shape), offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN

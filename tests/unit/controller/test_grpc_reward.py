@@ -1,6 +1,7 @@
 """The reward channel against an external gRPC reward server that misbehaves: a real grpc server on
 127.0.0.1 answering with the scores a test chooses. Scores are checked (count, finiteness: the
-first bad sample named) and clipped to reward.clip; RESOURCE_EXHAUSTED (overloaded) is retried
+first bad sample named) and come back as one source (B, 1), which `combine` clips to reward.clip
+as it does the job's own reward; RESOURCE_EXHAUSTED (overloaded) is retried
 within reward.outage_budget_s; past it the call raises RoleOutage naming the server and budget."""
 
 from __future__ import annotations
@@ -71,17 +72,24 @@ def serve():
         server.stop(0)
 
 
+def channel_source() -> RewardFunctionSource:
+    return RewardFunctionSource(function="keel.reward.rules:arithmetic")
+
+
 def _channel(address: str, **reward) -> GrpcReward:
-    cfg = RewardConfig(source=RewardFunctionSource(function="keel.reward.rules:arithmetic"), **reward)
+    cfg = RewardConfig(source=channel_source(), **reward)
     client = RewardClient(GrpcConfig(auth=False, retries=0), address, base_delay_s=0.01)
     return GrpcReward([client], cfg, log=lambda *_: None)
 
 
 def test_scores_are_clipped_like_the_jobs_own_reward(serve):
+    from keel.reward.combine import combine
+
     _, address = serve([[0.5, -7.0, 3.0]])
     channel = _channel(address, clip=1.0)
-    scores = channel.submit(_traj(), None, 4).result()
-    assert scores.tolist() == [0.5, -1.0, 1.0]
+    raw = channel.submit(_traj(), None, 4).result()
+    assert raw.tolist() == [[0.5], [-7.0], [3.0]]  # an external server's scores: one source, raw
+    assert combine(raw, RewardConfig(source=channel_source(), clip=1.0)).scores.tolist() == [0.5, -1.0, 1.0]
     channel.close()
 
 
@@ -104,7 +112,7 @@ def test_a_wrong_count_or_a_non_finite_score_names_the_sample(serve, answer, mes
 def test_an_overloaded_server_is_retried_within_the_budget(serve):
     servicer, address = serve([grpc.StatusCode.RESOURCE_EXHAUSTED] * 2 + [[1.0, 2.0, 3.0]])
     channel = _channel(address, outage_budget_s=30.0)
-    assert channel.submit(_traj(), None, 4).result().tolist() == [1.0, 2.0, 3.0]
+    assert channel.submit(_traj(), None, 4).result().tolist() == [[1.0], [2.0], [3.0]]
     assert servicer.calls == 3 and channel.metrics()["reward/outage_s"] > 0
     channel.close()
 

@@ -10,7 +10,7 @@ import pytest
 from keel.config import parse_config
 from keel.controller.checkpoint import CheckpointStore
 from keel.controller.restarts import RunRestarts
-from keel.controller.supervisor import RoleFailed
+from keel.controller.supervisor import RoleFailed, RoleOutage
 
 
 def _cfg(max_restarts: int):
@@ -30,13 +30,15 @@ class _Flaky:
     def __init__(self, errors, seen):
         self.errors, self.seen = errors, seen
 
-    def __call__(self, cfg, run_dir, log, resume_from, run_restarts, progress):
+    def __call__(self, cfg, run_dir, log, resume_from, run_restarts, progress, errors):
         outer = self
 
         class Controller:
             def __init__(self):
                 self.shut = False
-                outer.seen.append({"resume_from": resume_from, "run_restarts": run_restarts, "ctrl": self})
+                outer.seen.append(
+                    {"resume_from": resume_from, "run_restarts": run_restarts, "ctrl": self, "errors": errors}
+                )
 
             def request_stop(self):
                 pass
@@ -62,13 +64,16 @@ def _checkpoint(run_dir, step):
 
 def test_a_role_failure_restarts_from_the_latest_checkpoint_up_to_max_restarts(tmp_path):
     seen = []
-    errors = [RoleFailed("learner rank 1: lost"), RoleFailed("learner rank 0: lost"), None]
+    errors = [RoleFailed("learner rank 1: lost", "learner", "lost"), RoleFailed("rollout: chunk 0", "rollout"), None]
     first = _checkpoint(tmp_path, 3)
     runner = RunRestarts(_cfg(2), tmp_path, log=lambda *_: None, make=_Flaky(errors, seen))
     runner.run()
     assert runner.restarts == 2 and [s["run_restarts"] for s in seen] == [0, 1, 2]
     assert [s["resume_from"] for s in seen] == [None, first, first]
     assert all(s["ctrl"].shut for s in seen)
+    # each failure counted once, by role and kind, in the one tally every controller was handed
+    assert all(s["errors"] is runner.errors for s in seen)
+    assert runner.errors.metrics() == {"errors/learner/lost": 1.0, "errors/rollout/exhausted": 1.0}
 
 
 def test_past_max_restarts_the_failure_is_raised(tmp_path):
@@ -77,6 +82,15 @@ def test_past_max_restarts_the_failure_is_raised(tmp_path):
     with pytest.raises(RoleFailed, match="b"):
         runner.run()
     assert runner.restarts == 1 and len(seen) == 2 and all(s["ctrl"].shut for s in seen)
+
+
+def test_an_outage_is_counted_and_raised_without_a_restart(tmp_path):
+    seen = []
+    outage = RoleOutage("reward: server unreachable", "reward", "outage")
+    runner = RunRestarts(_cfg(3), tmp_path, log=lambda *_: None, make=_Flaky([outage, None], seen))
+    with pytest.raises(RoleOutage):
+        runner.run()
+    assert runner.restarts == 0 and len(seen) == 1 and runner.errors.metrics() == {"errors/reward/outage": 1.0}
 
 
 def test_other_errors_are_not_restarted(tmp_path):

@@ -66,8 +66,8 @@ def test_mapped_on_the_node_and_through_the_store_elsewhere(ray_session):
     local = ray.remote(Worker).options(num_cpus=0.1).remote()
     remote_a, remote_b = (ray.remote(Worker).options(num_cpus=0.1).remote("x") for _ in range(2))
     channel = ObjectStoreWeights()
-    metrics, lost = channel.publish([rank0], [local, remote_a, remote_b], 1, 60.0)
-    assert lost == [] and metrics["weight_sync/bytes"] == 6 * 4 + 3 * 8
+    metrics, answers = channel.publish([rank0], [local, remote_a, remote_b], 1, 60.0)
+    assert answers == [1, 1, 1] and metrics["weight_sync/bytes"] == 6 * 4 + 3 * 8  # the version each serves
     expected = torch.arange(6.0).reshape(2, 3) + 1
     for worker in (local, remote_a, remote_b):
         version, loaded = ray.get(worker.loaded.remote())

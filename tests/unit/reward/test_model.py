@@ -58,3 +58,40 @@ def test_hf_reward_model_scores_batches_consistently(tmp_path):
     assert a.shape == (3,) and torch.isfinite(a).all()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # padding does not change a score
     assert len(set(a.tolist())) == 3
+
+
+def test_several_sources_score_each_column_and_combine():
+    correct = RewardFunctionSource(function="keel.reward.rules:arithmetic", name="correct")
+    length = RewardFunctionSource(function="keel.reward.rules:length_penalty", weight=0.5, kwargs={"max_chars": 4})
+    rm = RewardModel(RewardConfig(sources=[correct, length], clip=1.0))
+    prompts, responses, meta = ["1+1="] * 3, ["2", "2222", "x"], [{"answer": "2"}] * 3
+    raw = rm.score_sources(prompts, responses, meta)
+    torch.testing.assert_close(raw, torch.tensor([[1.0, -0.25], [0.1, -1.0], [0.0, -0.25]]))  # a column per source, raw
+    scores = rm.score(prompts, responses, meta)
+    assert scores.tolist() == pytest.approx([0.875, -0.4, -0.125])  # 1 * correct + 0.5 * length, clipped to 1
+    assert rm.name == "correct + length_penalty" and rm.samples_scored() == 6
+
+
+def test_a_bad_score_of_one_source_names_the_source_and_the_sample():
+    good = RewardFunctionSource(function="keel.reward.rules:length_penalty")
+    bad = RewardFunctionSource(function=f"{__name__}:nan_reward", name="flaky", kwargs={"bad_row": 1})
+    rm = RewardModel(RewardConfig(sources=[good, bad]))
+    with pytest.raises(RewardError, match=rf"reward flaky \({__name__}:nan_reward\): sample q1 \(row 1\) scored nan"):
+        rm.score_sources(["a"] * 2, ["b"] * 2, ids=["q0", "q1"])
+
+
+def test_a_source_that_does_not_import_is_named_by_its_place():
+    from keel.reward.model import source_problems
+
+    sources = [
+        RewardFunctionSource(function="keel.reward.rules:arithmetic"),
+        RewardFunctionSource(function="no_such_module:f"),
+        RewardModelSource(path="/no/such/rm"),
+    ]
+    reward = RewardConfig(sources=sources)
+    with pytest.raises(RewardError, match=r"reward.sources\[1\].function: cannot import module 'no_such_module'"):
+        RewardModel(reward)
+    assert source_problems(reward) == [
+        "reward.sources[1].function: cannot import module 'no_such_module' (No module named 'no_such_module')",
+        "reward.sources[2].path: /no/such/rm does not exist",
+    ]

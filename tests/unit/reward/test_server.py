@@ -15,20 +15,20 @@ from keel.reward.server import DynamicBatcher
 
 
 class Picky:
-    """1.0 per sample; KeyError on a sample without "answer", RuntimeError on one marked "boom"."""
+    """One source scoring 1.0 per sample; KeyError on a sample without "answer", RuntimeError on one marked "boom"."""
 
     name = "picky"
 
     def __init__(self):
         self.calls: list[list[str]] = []
 
-    def score(self, prompts, responses, metadata, ids):
+    def score_sources(self, prompts, responses, metadata, ids):
         self.calls.append(list(ids))
         for meta in metadata:
             if "boom" in meta:
                 raise RuntimeError("the scorer broke")
             meta["answer"]  # noqa: B018 - raises KeyError like a reward function reading it
-        return torch.ones(len(prompts))
+        return torch.ones(len(prompts), 1)  # (B, S): one source
 
 
 def _request(name, n, bad_row=None, bad_meta=None):
@@ -49,7 +49,7 @@ def test_each_caller_gets_its_own_outcome_and_names_only_its_own_sample():
         return results
 
     good, bad, broken = asyncio.run(main())
-    assert good == [1.0, 1.0]
+    assert good == [[1.0], [1.0]]  # a row of source scores per sample
     assert isinstance(bad, RewardError)
     assert str(bad) == "sample b2 (row 2): reward picky failed: KeyError: 'answer'"
     assert isinstance(broken, RuntimeError) and not isinstance(broken, RewardError)  # the server's error
@@ -69,9 +69,9 @@ def test_close_gives_up_on_a_scorer_that_never_returns():
     class Hung:
         name = "hung"
 
-        def score(self, *args):
+        def score_sources(self, *args):
             release.wait()
-            return torch.ones(1)
+            return torch.ones(1, 1)
 
     async def main():
         batcher = DynamicBatcher(Hung(), max_batch_size=8, max_wait_ms=0)

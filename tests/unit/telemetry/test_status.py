@@ -32,6 +32,8 @@ def _run(tmp_path, steps_done: int, total: int = 10, checkpoint: int | None = No
                 "step_time": 2.0,
                 "rollout/workers": 2.0,
                 "rollout/restarts": 1.0 if s >= 2 else 0.0,
+                "rollout/weight_versions": {"rollout-0": s + 1, "rollout-2" if s >= 2 else "rollout-1": s + 1},
+                **({"errors/rollout/lost": 1.0, "errors/reward/unavailable": 3.0} if s >= 2 else {}),
             }
         )
     lines.append({"step": steps_done, "eval/reward_mean": 0.3, "eval/task_metric": 0.25})
@@ -48,9 +50,11 @@ def test_a_running_run_shows_progress_trend_speed_and_eta(tmp_path):
     text = format_status(info)
     assert text.splitlines()[0] == "demo-ppo: running, step 4/10 (40%), ETA 12s"
     assert "reward   +0.160  (+0.060 over the last 3 steps)    kl 0.0030    length 3.0" in text
-    assert "20.0 samples/s, 2.0 s/step    rollout workers 2 (1 replaced)" in text
+    assert "  speed    20.0 samples/s, 2.0 s/step\n" in text
+    assert "  rollout  2 workers (1 replaced): rollout-0 v4, rollout-2 v4\n" in text
+    assert "  errors   rollout lost 1, reward unavailable 3\n" in text
     assert "eval     after step 4: reward +0.300  task 0.250" in text
-    assert "checkpoint step-000002 (" in text and "error" not in text
+    assert "checkpoint step-000002 (" in text and "  error " not in text
 
 
 def test_a_stopped_run_and_a_failed_one(tmp_path):

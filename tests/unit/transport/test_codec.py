@@ -19,6 +19,9 @@ def test_tensor_round_trip(dtype):
     t = (torch.arange(12).reshape(3, 4) % 3).to(dtype)
     back = tensor_from_proto(tensor_to_proto(t), "x")
     assert back.dtype == dtype and torch.equal(back, t)
+    scalar = t[1, 1]  # 0-d: a LoRA sync's scaling
+    back = tensor_from_proto(tensor_to_proto(scalar), "x")
+    assert back.shape == () and back.dtype == dtype and torch.equal(back, scalar)
 
 
 def test_bad_tensors_name_the_field():

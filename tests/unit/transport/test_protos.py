@@ -33,7 +33,7 @@ def test_check_detects_a_stale_file(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "scripts", copy / "scripts")
     shutil.copytree(ROOT / "services" / "keel" / "transport" / "pb", copy / "services" / "keel" / "transport" / "pb")
     proto = copy / "protos" / "keel" / "v1" / "reward.proto"
-    proto.write_text(proto.read_text().replace("string scorer = 3;", "string scorer = 3;\n  int64 extra = 4;"))
+    proto.write_text(proto.read_text().replace("string scorer = 3;", "string scorer = 3;\n  int64 extra = 99;"))
     out = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=copy, capture_output=True, text=True)
     assert out.returncode == 1
     assert "reward_pb2.py" in out.stdout

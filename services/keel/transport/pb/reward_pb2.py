@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14keel/v1/reward.proto\x12\x07keel.v1\"\xdf\x01\n\x0bScoreSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x05 \x03(\x05\x12\x34\n\x08metadata\x18\x06 \x03(\x0b\x32\".keel.v1.ScoreSample.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07samples\x18\x02 \x03(\x0b\x32\x14.keel.v1.ScoreSample\"C\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0e\n\x06scorer\x18\x03 \x01(\t2G\n\rRewardService\x12\x36\n\x05Score\x12\x15.keel.v1.ScoreRequest\x1a\x16.keel.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14keel/v1/reward.proto\x12\x07keel.v1\"\xdf\x01\n\x0bScoreSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x05 \x03(\x05\x12\x34\n\x08metadata\x18\x06 \x03(\x0b\x32\".keel.v1.ScoreSample.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07samples\x18\x02 \x03(\x0b\x32\x14.keel.v1.ScoreSample\",\n\x0cSourceScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"k\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0e\n\x06scorer\x18\x03 \x01(\t\x12&\n\x07sources\x18\x04 \x03(\x0b\x32\x15.keel.v1.SourceScores2G\n\rRewardService\x12\x36\n\x05Score\x12\x15.keel.v1.ScoreRequest\x1a\x16.keel.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORESAMPLE_METADATAENTRY']._serialized_end=257
   _globals['_SCOREREQUEST']._serialized_start=259
   _globals['_SCOREREQUEST']._serialized_end=332
-  _globals['_SCORERESPONSE']._serialized_start=334
-  _globals['_SCORERESPONSE']._serialized_end=401
-  _globals['_REWARDSERVICE']._serialized_start=403
-  _globals['_REWARDSERVICE']._serialized_end=474
+  _globals['_SOURCESCORES']._serialized_start=334
+  _globals['_SOURCESCORES']._serialized_end=378
+  _globals['_SCORERESPONSE']._serialized_start=380
+  _globals['_SCORERESPONSE']._serialized_end=487
+  _globals['_REWARDSERVICE']._serialized_start=489
+  _globals['_REWARDSERVICE']._serialized_end=560
 # @@protoc_insertion_point(module_scope)

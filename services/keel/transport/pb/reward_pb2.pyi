@@ -38,12 +38,22 @@ class ScoreRequest(_message.Message):
     samples: _containers.RepeatedCompositeFieldContainer[ScoreSample]
     def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[ScoreSample, _Mapping]]] = ...) -> None: ...
 
+class SourceScores(_message.Message):
+    __slots__ = ("name", "scores")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "scores", "scorer")
+    __slots__ = ("request_id", "scores", "scorer", "sources")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     scores: _containers.RepeatedScalarFieldContainer[float]
     scorer: str
-    def __init__(self, request_id: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., scorer: _Optional[str] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[SourceScores]
+    def __init__(self, request_id: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., scorer: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ...) -> None: ...
