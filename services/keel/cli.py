@@ -59,6 +59,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         what = f"{len(cfg.checkpoints)} checkpoint(s)"
     elif args.kind == "bon":
         what = f"best of {cfg.bon.n} from {cfg.model.policy}, keep {cfg.bon.keep}"
+    elif args.kind == "cai":
+        what = f"{cfg.cai.principles_per_prompt} critique(s) and revision(s) per prompt of {cfg.model.policy}"
     else:
         what = f"{args.kind} from {cfg.model.path}, {cfg.train.epochs} epoch(s) of batch {cfg.train.batch_size}"
     print(f"{args.file}: ok ({what})")
@@ -318,6 +320,52 @@ def cmd_bon(args: argparse.Namespace) -> int:
     finally:
         console.close()
     print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cai_preflight(cfg) -> list[str]:
+    """Files a cai config names that are not there, and a constitution that does not load or lacks a
+    principle asked for, found before any model loads."""
+    from keel.constitution import ConstitutionError, load_constitution
+
+    fields = [("model.policy", cfg.model.policy), ("model.tokenizer", cfg.model.tokenizer)]
+    fields += [("data.prompts", cfg.data.prompts), ("cai.critic", cfg.cai.critic)]
+    problems = _missing(fields)
+    try:
+        principles = load_constitution(cfg.cai.constitution).select(cfg.cai.principles, "cai.principles")
+    except ConstitutionError as err:
+        text = str(err)
+        return problems + [text if text.startswith("cai.") else f"cai.constitution: {text}"]
+    if cfg.cai.principles_per_prompt > len(principles):
+        k = cfg.cai.principles_per_prompt
+        problems.append(f"cai.principles_per_prompt: {k} drawn per prompt from {len(principles)} principles")
+    return problems
+
+
+def cmd_cai(args: argparse.Namespace) -> int:
+    """keel cai: check the config and files, then generate, critique and revise each prompt's response and
+    write the SFT rows, the preference pairs and the trace."""
+    import time
+    from pathlib import Path
+
+    cfg = _checked_config(args.config, "cai", cai_preflight)
+    if cfg is None:
+        return EXIT_BAD_INPUT
+    out = Path(args.out or cfg.cai.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _role_env()
+    from keel.cai import run_cai
+    from keel.data.rows import DataError
+    from keel.telemetry.console import Console
+
+    console = Console("rich")
+    try:
+        run_cai(cfg, out, log=console.log, progress=console)
+    except DataError as err:
+        _err(f"data error: {err}")
+        return EXIT_BAD_INPUT
+    finally:
+        console.close()
+    print(f"wrote {out / 'sft.jsonl'}, {out / 'preferences.jsonl'} and {out / 'trace.jsonl'}")
     return EXIT_OK
 
 
@@ -771,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a run config or print its JSON schema")
     config.set_defaults(func=lambda _: _usage(config))
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    kinds = ["train", "sft", "rm", "dpo", "eval", "bon"]
+    kinds = ["train", "sft", "rm", "dpo", "eval", "bon", "cai"]
     validate = config_sub.add_parser("validate", help="check a YAML config; errors name the field")
     validate.add_argument("file", help="YAML config")
     validate.add_argument("--kind", choices=kinds, default="train", help="which command reads it (default train)")
@@ -838,6 +886,13 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--config", required=True, help="YAML bon config (keel config schema --kind bon)")
     bon.add_argument("--out", help="the dataset (JSONL; default: bon.output, else runs/<name>-<time>/bon.jsonl)")
     bon.set_defaults(func=cmd_bon)
+
+    cai = sub.add_parser(
+        "cai", help="constitutional AI, supervised phase: generate, critique, revise -> SFT rows and preference pairs"
+    )
+    cai.add_argument("--config", required=True, help="YAML cai config (keel config schema --kind cai)")
+    cai.add_argument("--out", help="output directory (default: cai.output_dir, else runs/<name>-<time>)")
+    cai.set_defaults(func=cmd_cai)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a checkable task: SFT -> RM -> PPO (and DPO), evaluated")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

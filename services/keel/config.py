@@ -223,7 +223,7 @@ class RolloutConfig(Section):
 
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _SOURCE_NAME = re.compile(r"^[A-Za-z][\w-]*$")
-SOURCE_TYPES = ("model", "function", "server")
+SOURCE_TYPES = ("model", "function", "server", "judge")
 
 
 class RewardSourceBase(Section):
@@ -233,7 +233,7 @@ class RewardSourceBase(Section):
     name: str | None = Field(
         None,
         description="Names the source in errors and in the metric reward/<name>_mean (its raw mean per step); "
-        "letters, digits, _ and -. Unset = the function's name (type function), or model, or server.",
+        "letters, digits, _ and -. Unset = the function's name (type function), or model, server or judge.",
     )
     weight: float = Field(
         1.0,
@@ -307,7 +307,52 @@ class RewardServerSource(RewardSourceBase):
         return v
 
 
-RewardSource = Annotated[RewardModelSource | RewardFunctionSource | RewardServerSource, Field(discriminator="type")]
+JUDGE_FIELDS = ("principle", "question", "prompt", "response")  # what a judge template can use
+DEFAULT_JUDGE_TEMPLATE = "{prompt}{response}\n\nQuestion: {question}\nAnswer:"
+
+
+class RewardJudgeSource(RewardSourceBase):
+    """Score with a causal LM asked a yes/no question per principle of a constitution (AI feedback,
+    keel.reward.judge): score = mean over principles of log p(positive) - log p(negative), the
+    next-token log-probabilities of the two answers after the judge prompt."""
+
+    type: Literal["judge"] = Field("judge", description="Selects this kind of source.")
+    model: str = Field(description="Path to an HF-format causal LM: the judge.")
+    constitution: str = Field(
+        description="YAML file of principles (name, critique, revision, question; keel.constitution)."
+    )
+    principles: list[str] | None = Field(
+        None, min_length=1, description="Names of the principles to ask about; unset = every principle of the file."
+    )
+    template: str = Field(
+        DEFAULT_JUDGE_TEMPLATE,
+        description="The judge prompt, a str.format template with {principle} (its name), {question}, {prompt} and "
+        "{response}; literal braces as {{ and }}. The answer token is scored right after it.",
+    )
+    positive: str = Field(" Yes", min_length=1, description="The answer that scores up; must be one token.")
+    negative: str = Field(" No", min_length=1, description="The answer that scores down; must be one token.")
+    batch_size: PositiveInt = Field(16, description="Judge prompts (sample x principle) per forward pass.")
+    max_tokens: PositiveInt = Field(
+        1024, description="Judge prompt tokens beyond this are cut from the left (the question is at the end)."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        from keel.constitution import check_template
+
+        return check_template(v, JUDGE_FIELDS)
+
+    @model_validator(mode="after")
+    def _answers_differ(self) -> RewardJudgeSource:
+        if self.positive == self.negative:
+            raise ValueError(f"positive and negative are both {self.positive!r}: give two different answers")
+        return self
+
+
+RewardSource = Annotated[
+    RewardModelSource | RewardFunctionSource | RewardServerSource | RewardJudgeSource, Field(discriminator="type")
+]
 
 
 class RewardConfig(Section):
@@ -315,8 +360,9 @@ class RewardConfig(Section):
 
     source: RewardSource | None = Field(
         None,
-        description="What produces the score: {type: model, path: ...}, {type: function, function: 'mod:fn'} or "
-        "{type: server, address: host:port}. The same as reward.sources with this one entry; give one of the two.",
+        description="What produces the score: {type: model, path: ...}, {type: function, function: 'mod:fn'}, "
+        "{type: server, address: host:port} or {type: judge, model: ..., constitution: ...}. The same as "
+        "reward.sources with this one entry; give one of the two.",
     )
     sources: list[RewardSource] | None = Field(
         None,
@@ -1361,6 +1407,8 @@ class BonConfig(Section):
         if bon.keep == "best" and bon.threshold is not None:
             raise _FieldError("bon.threshold", "set, but bon.keep is best: set bon.keep: threshold, or drop it")
         _check_best_of_n(self.rollout.sampling, "rollout.sampling", bon.n, "bon.n")
+        if self.model.lora is not None:  # no learner here: nothing would train or sync an adapter
+            raise _FieldError("model.lora", "keel bon samples from a whole model: leave it unset")
         for name in ("eval_prompts", "eval_task_metric"):
             if getattr(self.data, name) is not None:
                 raise _FieldError(f"data.{name}", "keel bon samples data.prompts and evaluates nothing: leave it unset")
@@ -1369,6 +1417,115 @@ class BonConfig(Section):
         except ValidationError as err:
             path, _, message = validation_error_lines(err)[0].partition(": ")
             raise _FieldError(path, message) from None
+        return self
+
+
+# --------------------------------------------------------------------------- constitutional AI
+
+CRITIQUE_FIELDS = ("principle", "prompt", "response", "critique_request")
+REVISION_FIELDS = (*CRITIQUE_FIELDS, "critique", "revision_request")
+DEFAULT_CRITIQUE_TEMPLATE = "{prompt}{response}\n\nCritique request: {critique_request}\nCritique:"
+DEFAULT_REVISION_TEMPLATE = (
+    "{prompt}{response}\n\nCritique request: {critique_request}\nCritique: {critique}\n\n"
+    "Revision request: {revision_request}\nRevision:"
+)
+
+
+class ConstitutionalConfig(Section):
+    """How `keel cai` critiques and revises, and where its datasets go."""
+
+    constitution: str = Field(
+        description="YAML file of principles (name, critique, revision, question; keel.constitution)."
+    )
+    principles: list[str] | None = Field(
+        None, min_length=1, description="Names of the principles to draw from; unset = every principle of the file."
+    )
+    principles_per_prompt: PositiveInt = Field(
+        1,
+        description="Principles drawn per prompt (without replacement, with the seed), applied in turn: each "
+        "critiques and revises the previous revision, and the last revision is the row's.",
+    )
+    critic: str | None = Field(
+        None, description="HF-format causal LM that writes the critiques and revisions; unset = model.policy."
+    )
+    critique_template: str = Field(
+        DEFAULT_CRITIQUE_TEMPLATE,
+        description="The critique prompt, a str.format template with {principle} (its name), {prompt}, {response} "
+        "and {critique_request} (the principle's critique); literal braces as {{ and }}.",
+    )
+    revision_template: str = Field(
+        DEFAULT_REVISION_TEMPLATE,
+        description="The revision prompt: the critique template's placeholders, {critique} (the critic's answer) "
+        "and {revision_request} (the principle's revision).",
+    )
+    sampling: SamplingConfig | None = Field(
+        None, description="How critiques and revisions are sampled (n 1); unset = as the responses (sampling)."
+    )
+    max_context_tokens: PositiveInt = Field(
+        1024,
+        description="Longest critique or revision prompt in tokens; a prompt whose critique or revision prompt is "
+        "longer is skipped (counted).",
+    )
+    batch_size: PositiveInt = Field(64, description="Prompts generated for together, in each of the rounds.")
+    max_prompts: int = Field(0, ge=0, description="Use only the first this many prompts; 0 = all.")
+    output_dir: str | None = Field(
+        None,
+        description="Where sft.jsonl (prompt, response: the revision), preferences.jsonl (prompt, chosen: the "
+        "revision, rejected: the original) and trace.jsonl (every critique and revision prompt and answer) go, "
+        "each written whole or not at all. Default runs/<name>-<time>; keel cai --out overrides.",
+    )
+
+    @field_validator("critique_template")
+    @classmethod
+    def _critique_placeholders(cls, v: str) -> str:
+        from keel.constitution import check_template
+
+        return check_template(v, CRITIQUE_FIELDS)
+
+    @field_validator("revision_template")
+    @classmethod
+    def _revision_placeholders(cls, v: str) -> str:
+        from keel.constitution import check_template
+
+        return check_template(v, REVISION_FIELDS)
+
+
+class CaiConfig(Section):
+    """`keel cai`: the supervised phase of Constitutional AI. Each prompt's response is critiqued against
+    a principle and revised; (prompt, revision) rows for keel sft, (revision over original) pairs for
+    keel dpo and keel rm."""
+
+    name: str = Field("cai", min_length=1, description="Run name (prefix of the default output directory).")
+    seed: int = Field(0, description="Seed of the principles drawn and of sampling (sampling.seed wins when set).")
+    model: ModelConfig = Field(description="The policy that answers the prompts (model.policy), as in a run config.")
+    data: DataConfig = Field(description="The prompts (data.prompts).")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend (as rollout.backend).")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend: vllm).")
+    threads: PositiveInt | None = Field(None, description="CPU threads for generation; unset = torch's default.")
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="How the policy samples its responses (n 1)."
+    )
+    cai: ConstitutionalConfig = Field(description="The constitution, critiques and revisions, outputs.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaiConfig:
+        for at, sampling in (("sampling", self.sampling), ("cai.sampling", self.cai.sampling)):
+            if sampling is not None and sampling.n != 1:
+                raise _FieldError(
+                    f"{at}.n", f"keel cai draws one answer per prompt and step: leave n at 1 (got {sampling.n})"
+                )
+        if self.model.lora is not None:
+            raise _FieldError("model.lora", "keel cai samples from a whole model: leave it unset")
+        for name in ("eval_prompts", "eval_task_metric"):
+            if getattr(self.data, name) is not None:
+                raise _FieldError(f"data.{name}", "keel cai reads data.prompts and evaluates nothing: leave it unset")
+        if self.cai.principles is not None and len(set(self.cai.principles)) != len(self.cai.principles):
+            raise _FieldError("cai.principles", "a principle is named twice")
+        if self.cai.principles is not None and self.cai.principles_per_prompt > len(self.cai.principles):
+            raise _FieldError(
+                "cai.principles_per_prompt",
+                f"{self.cai.principles_per_prompt} drawn per prompt from {len(self.cai.principles)} principles",
+            )
         return self
 
 
@@ -1400,6 +1557,19 @@ def bon_run_config(cfg: BonConfig) -> RunConfig:
         controller=ControllerConfig(prompts_per_step=16 * cfg.rollout.replicas),
         logging=LoggingConfig(trackers=[]),
     )
+
+
+def cai_rollout(cfg: CaiConfig, critic: bool = False) -> tuple[ModelConfig, RolloutConfig, int]:
+    """(model, rollout, max_model_len) of the generator `keel cai` samples from: the policy's, or with
+    `critic` the critic's (cai.critic, else the policy) with cai.sampling (else sampling)."""
+    model = cfg.model
+    sampling = cfg.sampling
+    if critic:
+        model = model.model_copy(update={"policy": cfg.cai.critic or model.policy, "tokenizer": None})
+        sampling = cfg.cai.sampling or sampling
+    rollout = RolloutConfig(backend=cfg.backend, sampling=sampling, vllm=cfg.vllm, threads=cfg.threads)
+    longest = max(cfg.model.max_prompt_tokens, cfg.cai.max_context_tokens) + sampling.max_new_tokens
+    return model, rollout, cfg.vllm.max_model_len or longest
 
 
 def rollout_batch_size(cfg: RunConfig) -> int:
@@ -1445,13 +1615,15 @@ def rollout_dtype(model: ModelConfig, rollout: RolloutConfig) -> str:
     return "bfloat16" if model.precision == "mixed" and rollout.backend == "vllm" else model.dtype
 
 
-def reward_sources(reward: RewardConfig) -> list[RewardModelSource | RewardFunctionSource | RewardServerSource]:
+def reward_sources(
+    reward: RewardConfig,
+) -> list[RewardModelSource | RewardFunctionSource | RewardServerSource | RewardJudgeSource]:
     """The sources the reward combines, in order: reward.sources, or reward.source as the one entry."""
     return list(reward.sources) if reward.sources is not None else [reward.source]
 
 
 def source_name(source: RewardSourceBase) -> str:
-    """A source's name: its own, or the function's name, or model, or server."""
+    """A source's name: its own, or the function's name, or model, server or judge."""
     if source.name is not None:
         return source.name
     if isinstance(source, RewardFunctionSource):
@@ -1541,6 +1713,7 @@ CONFIG_KINDS: dict[str, type[Section]] = {
     "dpo": DPOConfig,
     "eval": EvalConfig,
     "bon": BonConfig,
+    "cai": CaiConfig,
 }
 
 

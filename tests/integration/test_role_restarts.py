@@ -99,7 +99,7 @@ def test_reference_killed_mid_call_and_reward_hung_are_started_again(demo_inputs
             _slow_down(reference, "model", "forward", 5.0, marker)
             _kill_when(marker, _pid(reference), killed)
         if m["step"] == 1:  # step 2: the reward actor hangs
-            _slow_down(sup.reward.actors[0], "", "_score", 3600.0)  # hangs
+            _slow_down(sup.reward.actors[0], "", "score_sources", 3600.0)  # hangs
 
     controller.start()
     try:

@@ -32,6 +32,7 @@ def test_help_lists_commands():
         "dpo",
         "eval",
         "bon",
+        "cai",
         "demo",
         "serve",
     ):

@@ -682,6 +682,7 @@ EVAL = {"checkpoints": [{"name": "a", "path": "a"}], "reference": "r", "data": {
         ("bon", {"rollout": {"sampling": {"temperature": 0}}}, "rollout.sampling.temperature: greedy sampling"),
         ("bon", {"data": {"prompts": "x", "eval_prompts": "y"}}, "data.eval_prompts: keel bon samples data.prompts"),
         ("bon", {"learner": {}}, "learner: unknown key"),
+        ("bon", {"model": {"policy": "p", "lora": {"rank": 4}}}, "model.lora: keel bon samples from a whole model"),
         ("eval", {"best_of_n": 8}, "best_of_n: the best of n samples is the highest-rewarded one: set reward"),
         ("eval", {"best_of_n": 1, "reward": MINIMAL["reward"]}, "best_of_n: Input should be greater than or equal"),
         ("eval", {"best_of_n": 4, "reward": MINIMAL["reward"], "sampling": {"n": 2}}, "sampling.n: best_of_n draws"),

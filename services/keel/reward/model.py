@@ -1,5 +1,6 @@
-"""RewardModel: one finite float per (prompt, response), from an HF reward model, a function or a
-remote reward server, or several of them combined (`reward.sources`, keel.reward.combine)."""
+"""RewardModel: one finite float per (prompt, response), from an HF reward model, a function, a
+remote reward server or a judge LM asked about a constitution (keel.reward.judge), or several of
+them combined (`reward.sources`, keel.reward.combine)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from keel.config import (
     GrpcConfig,
     RewardConfig,
     RewardFunctionSource,
+    RewardJudgeSource,
     RewardModelSource,
     RewardServerSource,
     reward_sources,
@@ -147,9 +149,12 @@ class RewardModel(Scorer):
 
 
 def _label(source) -> str:
-    """What a source is, in errors and as a server's scorer name: the function, the model path, the server."""
+    """What a source is, in errors and as a server's scorer name: the function, the model path, the server,
+    the judge."""
     if isinstance(source, RewardFunctionSource):
         return source.function
+    if isinstance(source, RewardJudgeSource):
+        return f"judge {source.model}"
     if isinstance(source, RewardModelSource):
         return source.path
     return f"server {source.address}"
@@ -168,6 +173,10 @@ def _scorer(source, path: str, grpc: GrpcConfig | None) -> Callable:
                 "would cross the network in clear text"
             )
         return _ServerScorer(source, grpc)
+    if isinstance(source, RewardJudgeSource):
+        from keel.reward.judge import JudgeScorer
+
+        return JudgeScorer(source, path)
     return _ModelScorer(source, path)
 
 
@@ -223,8 +232,8 @@ class _ModelScorer:
 
 def source_problems(reward: RewardConfig) -> list[str]:
     """What would stop the sources of `reward` from loading, one line per problem, found before anything
-    starts: a model path that is not there, a function that does not import. A server source is
-    checked when it is dialled (RewardModel waits for it to answer)."""
+    starts: a model path that is not there, a function that does not import, a judge's constitution
+    that does not load. A server source is checked when it is dialled (RewardModel waits for it to answer)."""
     from pathlib import Path
 
     problems = []
@@ -237,4 +246,8 @@ def source_problems(reward: RewardConfig) -> list[str]:
                 import_function(source.function, f"{path}.function")
             except RewardError as err:
                 problems.append(str(err))
+        if isinstance(source, RewardJudgeSource):
+            from keel.reward.judge import judge_problems
+
+            problems.extend(judge_problems(source, path))
     return problems
