@@ -46,3 +46,27 @@ def demo_inputs(tmp_path_factory):
     policy = make_tiny_model(base / "policy", pretrain_steps=300)
     prompts = write_jsonl(arithmetic_rows(512), base / "prompts.jsonl")
     return policy, prompts
+
+
+@pytest.fixture
+def weight_address():
+    """start(servicer) -> the address of a WeightService serving it on 127.0.0.1 (stopped after the test)."""
+    from concurrent import futures
+
+    import grpc
+
+    from keel.transport.pb import weights_pb2_grpc
+
+    servers = []
+
+    def start(servicer):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None)

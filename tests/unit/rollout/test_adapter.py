@@ -122,30 +122,6 @@ def test_bad_adapter_keeps_the_old_weights(backend, request, tiny_model_dir):
 # --------------------------------------------------------------------------- over the wire
 
 
-@pytest.fixture
-def weight_address():
-    """start(servicer) -> the address of a WeightService serving it on 127.0.0.1 (stopped after the test)."""
-    from concurrent import futures
-
-    import grpc
-
-    from keel.transport.pb import weights_pb2_grpc
-
-    servers = []
-
-    def start(servicer):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(None)
-
-
 @pytest.mark.parametrize("how", ["flip", "checksum", "truncate"])
 def test_adapter_over_grpc_is_checksummed_and_all_or_nothing(how, hf_lora_worker, tiny_model_dir, weight_address):
     """The adapter crosses the WeightService in checksummed chunks, against the worker's adapter specs;

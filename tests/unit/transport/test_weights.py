@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 import torch
@@ -20,24 +18,6 @@ def _state(seed=0):
         "counter": torch.tensor([1, 2, 3], dtype=torch.int64),
         "empty": torch.zeros(0, 4),
     }
-
-
-@pytest.fixture
-def weight_address():
-    """start(servicer) -> the address of a WeightService serving it on 127.0.0.1 (stopped after the test)."""
-    servers = []
-
-    def start(servicer):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        weights_pb2_grpc.add_WeightServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for s in servers:
-        s.stop(None)
 
 
 @pytest.fixture
